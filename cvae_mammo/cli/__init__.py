@@ -1,0 +1,91 @@
+"""The ``cvae-mammo`` command line.
+
+Each subcommand lives in its own module under ``cvae_mammo.cli`` exposing
+``add_arguments(parser)`` and ``run(args) -> int``. Only the chosen
+command's module is imported, so ``cvae-mammo preprocess`` never loads
+TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from cvae_mammo._version import __version__
+from cvae_mammo.errors import InputError
+
+#: command name -> (module, one-line help), in pipeline order.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "preprocess": ("cvae_mammo.cli.preprocess", "DICOM/PNG/PGM mammograms -> clean dataset folder"),
+    "split": ("cvae_mammo.cli.split", "patient-grouped, stratified train/val/test splits"),
+    "fit-cvae": ("cvae_mammo.cli.fit_cvae", "train the conditional VAE on negative images"),
+    "calibrate": ("cvae_mammo.cli.calibrate", "choose and save a decision threshold for a run"),
+    "fit-classifier": ("cvae_mammo.cli.fit_classifier", "train the transfer-learning classifier"),
+    "predict": ("cvae_mammo.cli.predict", "score a split with a run; optional anomaly/CAM maps"),
+    "report": ("cvae_mammo.cli.report", "side-by-side ROC / F1 report of several runs"),
+    "demo": ("cvae_mammo.cli.demo", "the whole pipeline on built-in synthetic phantoms"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [
+        f"cvae-mammo {__version__}: anomaly detection on screening mammograms",
+        "",
+        "usage: cvae-mammo COMMAND [options]   (cvae-mammo COMMAND --help for its options)",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}  {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def build_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
+    """The argument parser of one subcommand and the module that runs it."""
+    module_name, help_text = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(
+        prog=f"cvae-mammo {command}",
+        description=(module.__doc__ or help_text).strip(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    module.add_arguments(parser)
+    return parser, module
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``cvae-mammo``; returns the process exit status."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or args_list[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return 0
+    if args_list[0] == "--version":
+        print(__version__)
+        return 0
+    command = args_list[0]
+    if command not in COMMANDS:
+        print(f"cvae-mammo: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    parser, module = build_parser(command)
+    args = parser.parse_args(args_list[1:])
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(module.run(args) or 0)
+    except (InputError, FileNotFoundError, FileExistsError) as error:
+        if os.environ.get("CVAE_MAMMO_DEBUG"):
+            raise
+        print(f"cvae-mammo {command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
