@@ -1,0 +1,1 @@
+"""Keras models: the convolutional VAE and the transfer-learning classifier."""

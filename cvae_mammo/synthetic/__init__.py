@@ -1,0 +1,1 @@
+"""Synthetic phantom mammograms and DICOM writers for the demo and the tests."""
