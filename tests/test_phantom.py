@@ -1,0 +1,142 @@
+"""Synthetic phantom mammograms: geometry, texture, artefacts, lesions and masks."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from cvae_mammo.synthetic.phantom import (
+    LESION_KINDS,
+    LesionSpec,
+    make_phantom,
+    power_law_noise,
+    sample_lesion_spec,
+)
+
+SIZE = (256, 208)
+
+
+def _phantom(seed: int = 0, **kwargs):
+    return make_phantom(np.random.default_rng(seed), SIZE, **kwargs)
+
+
+def test_same_seed_same_image_other_seed_other_image():
+    a = _phantom(3, view="MLO", lesions=["spiculated"], line_artefact=True)
+    b = _phantom(3, view="MLO", lesions=["spiculated"], line_artefact=True)
+    c = _phantom(4, view="MLO", lesions=["spiculated"], line_artefact=True)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.lesion_mask, b.lesion_mask)
+    assert a.lesions == b.lesions
+    assert not np.array_equal(a.image, c.image)
+
+
+def test_image_type_range_and_breast_geometry():
+    phantom = _phantom(view="CC", laterality="L")
+    assert phantom.image.shape == SIZE and phantom.image.dtype == np.float32
+    assert phantom.image.min() >= 0.0 and phantom.image.max() <= 1.0
+    breast = phantom.breast_mask
+    assert 0.25 < breast.mean() < 0.6
+    rows, cols = np.nonzero(breast)
+    aspect = (rows.max() - rows.min() + 1) / (cols.max() - cols.min() + 1)
+    assert 1.6 < aspect < 2.6  # a cropped breast is about twice as high as wide
+    assert phantom.image[breast].mean() > 5 * phantom.image[~breast].mean()
+
+
+@pytest.mark.parametrize("laterality", ["L", "R"])
+def test_chest_wall_on_the_laterality_side(laterality):
+    phantom = _phantom(1, laterality=laterality, view="MLO")
+    breast = phantom.breast_mask
+    left, right = breast[:, 0].sum(), breast[:, -1].sum()
+    if laterality == "L":
+        assert left > 0.5 * SIZE[0] and right == 0
+    else:
+        assert right > 0.5 * SIZE[0] and left == 0
+
+
+def test_mlo_has_bright_pectoral_corner_cc_does_not():
+    corner = (slice(0, SIZE[0] // 8), slice(0, SIZE[1] // 16))
+    mlo = _phantom(5, view="MLO", density="A", markers=False)
+    cc = _phantom(5, view="CC", density="A", markers=False)
+    assert mlo.image[corner].mean() > 0.7
+    assert cc.image[corner].mean() < 0.4  # background and fatty tissue
+
+
+def test_density_classes_order_breast_brightness():
+    means = []
+    for density in "ABCD":
+        phantom = _phantom(7, density=density, markers=False)
+        means.append(phantom.image[phantom.breast_mask].mean())
+    assert means == sorted(means) and means[-1] - means[0] > 0.1
+
+
+def test_markers_and_line_artefact_lie_outside_the_breast_component():
+    phantom = _phantom(2, laterality="L", line_artefact=True)
+    foreground = (phantom.image > 0.2).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(foreground, connectivity=8)
+    assert count >= 4  # background, breast, marker letters, the line
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    outside = (labels > 0) & (labels != largest)
+    assert not (outside & phantom.breast_mask).any()
+    # the marker is burnt in at full brightness in the top corner away from the chest wall
+    top_right = phantom.image[: SIZE[0] // 8, SIZE[1] // 2 :]
+    assert (top_right >= 0.999).sum() > 10
+    # a thin, full-height vertical line near the edge away from the chest wall
+    column_means = phantom.image[:, SIZE[1] - SIZE[1] // 20 :].mean(axis=0)
+    assert column_means.max() > 0.5
+
+
+@pytest.mark.parametrize("kind", LESION_KINDS)
+@pytest.mark.parametrize("laterality", ["L", "R"])
+def test_lesion_mask_box_and_contrast(kind, laterality):
+    phantom = _phantom(11, laterality=laterality, view="MLO", lesions=[kind])
+    (lesion,) = phantom.lesions
+    mask = phantom.lesion_mask
+    assert lesion.kind == kind and mask.any()
+    assert not (mask & ~phantom.breast_mask).any()
+    rows, cols = np.nonzero(mask)
+    assert lesion.bbox == (rows.min(), cols.min(), rows.max() + 1, cols.max() + 1)
+    r0, c0, r1, c1 = lesion.bbox
+    assert r0 <= lesion.center[0] < r1 and c0 <= lesion.center[1] < c1
+    # the same image without the lesion (same seed): the lesion only brightens its mask area
+    clean = _phantom(11, laterality=laterality, view="MLO")
+    added = phantom.image - clean.image
+    assert added[mask].max() > 0.1
+    assert np.abs(added[~mask & phantom.breast_mask]).max() < 0.08
+
+
+def test_clean_image_has_empty_lesion_mask():
+    phantom = _phantom()
+    assert phantom.lesions == () and not phantom.lesion_mask.any()
+
+
+def test_sampled_specs_are_valid_and_spec_validation():
+    rng = np.random.default_rng(0)
+    kinds = {sample_lesion_spec(rng).kind for _ in range(60)}
+    assert kinds == set(LESION_KINDS)
+    with pytest.raises(ValueError, match="lesion kind"):
+        LesionSpec("cyst", 0.05, 0.2)
+    with pytest.raises(ValueError, match="radius_fraction"):
+        LesionSpec("mass", 0.5, 0.2)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [("view", "XCCL", "view"), ("laterality", "B", "laterality"), ("density", "E", "density")],
+)
+def test_bad_options_are_named(option, value, message):
+    with pytest.raises(ValueError, match=message):
+        _phantom(**{option: value})
+
+
+def test_power_law_noise_spectrum_slope():
+    field = power_law_noise(np.random.default_rng(0), (256, 256), beta=3.0)
+    assert abs(field.mean()) < 1e-5 and abs(field.std() - 1.0) < 1e-3
+    power = np.abs(np.fft.rfft2(field)) ** 2
+    fy = np.fft.fftfreq(256)[:, None]
+    fx = np.fft.rfftfreq(256)[None, :]
+    freq = np.sqrt(fy**2 + fx**2)
+    low = power[(freq > 0.02) & (freq < 0.04)].mean()
+    high = power[(freq > 0.16) & (freq < 0.32)].mean()
+    slope = np.log(low / high) / np.log(8.0)  # 8x the frequency ratio of the band centres
+    assert 2.5 < slope < 3.5
