@@ -38,3 +38,73 @@ def rsna_train_csv() -> Path:
 def rsna_dicom() -> Path:
     """One real RSNA DICOM: patient 36, image 200779059, JPEG 2000 lossless."""
     return _require(SHARED_DATA / "rsna" / "dicom" / "36" / "200779059.dcm", "the RSNA DICOM")
+
+
+# --- data-module fixtures (issue 3) -------------------------------------------------------------
+
+MIAS_DATASET_SIZE: tuple[int, int] = (128, 64)  # (H, W): tiny, fast on CPU
+
+
+def _write_mias_dataset(mias: Path, out: Path, size: tuple[int, int], seed: int) -> Path:
+    """A dataset folder (DESIGN.md contract) from the real mini-MIAS PNGs, resized with cv2.
+
+    label = 1 when the image has any non-NORM abnormality row; view MLO; laterality blank
+    (not recorded in the source); background_tissue passes through as metadata.
+    """
+    import cv2
+    import pandas as pd
+
+    from cvae_mammo.fileio import atomic_write_bytes, atomic_write_csv
+    from cvae_mammo.splits import make_splits, write_splits
+
+    rows = pd.read_csv(mias / "labels.csv", dtype=str, keep_default_na=False)
+    images = rows.groupby("image_id", sort=True).agg(
+        patient_id=("patient_id", "first"),
+        background_tissue=("background_tissue", "first"),
+        label=("abnormality", lambda v: int((v != "NORM").any())),
+        severity=("severity", lambda v: "M" if "M" in set(v) else ("B" if "B" in set(v) else "")),
+    ).reset_index()
+    height, width = size
+    records = []
+    for image in images.itertuples(index=False):
+        source = mias / "images" / f"{image.image_id}.png"
+        pixels = cv2.imread(str(source), cv2.IMREAD_UNCHANGED)
+        small = cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA)
+        relative = f"images/{image.patient_id}/{image.image_id}.png"
+        ok, encoded = cv2.imencode(".png", small)
+        assert ok, source
+        atomic_write_bytes(out / relative, encoded.tobytes())
+        records.append({
+            "image_id": image.image_id, "patient_id": image.patient_id, "laterality": "",
+            "view": "MLO", "prediction_id": f"{image.patient_id}_{image.image_id}",
+            "path": relative, "label": image.label, "background_tissue": image.background_tissue,
+            "severity": image.severity, "source_file": f"images/{image.image_id}.png",
+            "original_size": f"{pixels.shape[0]}x{pixels.shape[1]}", "flipped": False,
+        })
+    manifest = pd.DataFrame.from_records(records)
+    atomic_write_csv(out / "manifest.csv", manifest)
+    write_splits(make_splits(manifest, val=0.2, test=0.2, seed=seed), out / "splits.csv")
+    return out
+
+
+@pytest.fixture(scope="session")
+def mias_dataset_factory(mias_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Callable ``(size=(H, W), seed=0) -> Path`` building (once per size/seed) a mini-MIAS
+    dataset folder: images/<patient>/<image>.png, manifest.csv and a seeded splits.csv
+    (patient-grouped, val 0.2 / test 0.2)."""
+    built: dict[tuple[tuple[int, int], int], Path] = {}
+
+    def make(size: tuple[int, int] = MIAS_DATASET_SIZE, seed: int = 0) -> Path:
+        key = (tuple(size), seed)
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"mias_{size[0]}x{size[1]}_s{seed}")
+            built[key] = _write_mias_dataset(mias_dir, out, tuple(size), seed)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def mias_dataset(mias_dataset_factory) -> Path:
+    """The mini-MIAS dataset folder at 128x64 (HxW) with manifest.csv and splits.csv (seed 0)."""
+    return mias_dataset_factory()

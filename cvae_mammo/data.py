@@ -1,0 +1,393 @@
+"""Dataset folders with their splits, subsets, and tf.data pipelines for both models.
+
+:class:`MammoDataset` opens a dataset folder (``manifest.csv`` + ``splits.csv``,
+see ../DESIGN.md), checks early that the two files agree and that the images
+exist, and hands out subsets as DataFrames. :func:`build_pipeline` turns a
+subset into a ``tf.data.Dataset`` of dict batches:
+
+- ``image``: float32 ``[B, H, W, 1]`` in [0, 1] (8- and 16-bit PNGs);
+- ``condition``: float32 ``[B, C]`` when a :class:`MetadataEncoder` is given;
+- ``label``: float32 ``[B]``, NaN where unknown;
+- ``image_id``: string ``[B]`` when ``include_ids``.
+
+An image that is missing or unreadable when the pipeline reads it is logged
+once with its path and skipped; the run goes on. TensorFlow is imported only
+inside :func:`build_pipeline`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from cvae_mammo.augment import Augmenter, element_seed
+from cvae_mammo.errors import InputError
+from cvae_mammo.fileio import PathLike
+from cvae_mammo.metadata import MetadataEncoder, normalise_metadata
+from cvae_mammo.splits import SPLIT_COLUMNS, SPLIT_NAMES
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+LOGGER = logging.getLogger(__name__)
+MANIFEST_NAME = "manifest.csv"
+SPLITS_NAME = "splits.csv"
+_ID_DTYPES = {"image_id": str, "patient_id": str, "prediction_id": str}
+
+
+def _read_csv(path: Path, what: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise InputError(f"{path}: {what} not found")
+    try:
+        return pd.read_csv(path, dtype=_ID_DTYPES, keep_default_na=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: cannot read {what} ({error})") from error
+
+
+def _examples(values: Sequence[Any], limit: int = 3) -> str:
+    shown = ", ".join(str(v) for v in list(values)[:limit])
+    return shown + (f" ... ({len(values)} in all)" if len(values) > limit else "")
+
+
+@dataclass
+class MammoDataset:
+    """A dataset folder: its normalised manifest joined with one split file.
+
+    ``frame`` holds one row per image with the manifest's columns (normalised
+    by :func:`cvae_mammo.metadata.normalise_metadata`) plus ``split`` and
+    ``fold`` when a split file was read.
+    """
+
+    root: Path
+    frame: pd.DataFrame
+    manifest_path: Path
+    splits_path: Path | None
+
+    @classmethod
+    def open(
+        cls,
+        dataset_dir: PathLike,
+        splits: PathLike | None = SPLITS_NAME,
+        *,
+        fold: int | None = None,
+        label_column: str = "label",
+        check_images: bool = True,
+    ) -> MammoDataset:
+        """Open ``dataset_dir/manifest.csv`` with a split file and validate them.
+
+        ``splits`` is relative to the folder unless absolute; None opens the
+        manifest alone. With ``fold=k`` (K-fold split files) the training rows
+        of fold ``k`` become ``val``. Raises :class:`InputError` naming the file
+        when the manifest and split file disagree or images are missing.
+        """
+        root = Path(dataset_dir)
+        if not root.is_dir():
+            raise InputError(f"{root}: dataset folder not found")
+        manifest_path = root / MANIFEST_NAME
+        frame = normalise_metadata(_read_csv(manifest_path, "manifest"), label_column)
+        splits_path = None
+        if splits is not None:
+            splits_path = Path(splits) if Path(splits).is_absolute() else root / splits
+            if not splits_path.is_file():
+                raise InputError(f"{splits_path}: split file not found "
+                                 f"(run `cvae-mammo split {root}` first)")
+            frame = _join_splits(frame, _read_csv(splits_path, "split file"), splits_path, fold)
+        if check_images and "path" in frame.columns:
+            _check_images(root, frame, manifest_path)
+        return cls(root=root, frame=frame.reset_index(drop=True), manifest_path=manifest_path,
+                   splits_path=splits_path)
+
+    def subset(self, split: str | Sequence[str] | None = None,
+               label: int | str | None = None) -> pd.DataFrame:
+        """Rows of one split (or several) and one label: 0, 1 or ``"unknown"``; None means all."""
+        rows = self.frame
+        if split is not None:
+            if "split" not in rows.columns:
+                raise InputError(f"{self.manifest_path}: opened without a split file; "
+                                 "cannot select a split")
+            wanted = [split] if isinstance(split, str) else list(split)
+            unknown = sorted(set(wanted) - set(SPLIT_NAMES))
+            if unknown:
+                raise InputError(f"split {', '.join(unknown)} unknown; use {', '.join(SPLIT_NAMES)}")
+            rows = rows[rows["split"].isin(wanted)]
+        if label is not None:
+            if label == "unknown":
+                rows = rows[rows["label"].isna()]
+            elif label in (0, 1):
+                rows = rows[rows["label"] == float(label)]
+            else:
+                raise InputError(f"label {label!r}: use 0, 1 or 'unknown'")
+        return rows.copy()
+
+    def counts(self) -> pd.DataFrame:
+        """Images, patients, breasts, positives, negatives and unknown labels per split (+ total)."""
+        frame = self.frame if "split" in self.frame.columns else self.frame.assign(split="all")
+
+        def summary(rows: pd.DataFrame) -> dict[str, int]:
+            return {
+                "images": len(rows),
+                "patients": rows["patient_id"].nunique(),
+                "breasts": rows["prediction_id"].nunique(),
+                "positives": int((rows["label"] == 1).sum()),
+                "negatives": int((rows["label"] == 0).sum()),
+                "unknown": int(rows["label"].isna().sum()),
+            }
+
+        order = [s for s in (*SPLIT_NAMES, "all") if s in set(frame["split"])]
+        table = {name: summary(frame[frame["split"] == name]) for name in order}
+        if len(order) > 1:
+            table["total"] = summary(frame)
+        return pd.DataFrame.from_dict(table, orient="index")
+
+    def encoder(self, columns: Sequence[str], numeric: Sequence[str] | None = None) -> MetadataEncoder:
+        """A :class:`MetadataEncoder` for ``columns`` fitted on the train split only."""
+        return MetadataEncoder(columns, numeric).fit(self.subset(split="train"))
+
+
+def _join_splits(frame: pd.DataFrame, splits: pd.DataFrame, path: Path,
+                 fold: int | None) -> pd.DataFrame:
+    missing = [c for c in SPLIT_COLUMNS if c not in splits.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
+    splits = splits[list(SPLIT_COLUMNS)].copy()
+    splits["image_id"] = splits["image_id"].astype(str)
+    splits["patient_id"] = splits["patient_id"].astype(str)
+    if splits["image_id"].duplicated().any():
+        raise InputError(f"{path}: image {splits.loc[splits['image_id'].duplicated(), 'image_id'].iloc[0]}"
+                         " is listed twice")
+    bad_split = sorted(set(splits["split"].astype(str)) - set(SPLIT_NAMES))
+    if bad_split:
+        raise InputError(f"{path}: unknown split name(s) {', '.join(bad_split)}")
+    extra = sorted(set(splits["image_id"]) - set(frame["image_id"]))
+    if extra:
+        raise InputError(f"{path}: {len(extra)} image(s) not in the manifest: {_examples(extra)} "
+                         "(split file from another dataset? rerun `cvae-mammo split`)")
+    absent = sorted(set(frame["image_id"]) - set(splits["image_id"]))
+    if absent:
+        raise InputError(f"{path}: {len(absent)} manifest image(s) have no split: {_examples(absent)} "
+                         "(rerun `cvae-mammo split`)")
+    joined = frame.merge(splits, on="image_id", how="left", suffixes=("", "_split"))
+    mismatch = joined["patient_id"] != joined["patient_id_split"]
+    if mismatch.any():
+        first = joined[mismatch].iloc[0]
+        raise InputError(f"{path}: image {first['image_id']} belongs to patient {first['patient_id']} "
+                         f"in the manifest but {first['patient_id_split']} in the split file")
+    per_patient = joined.groupby("patient_id")["split"].nunique()
+    if (per_patient > 1).any():
+        leaking = per_patient[per_patient > 1].index
+        raise InputError(f"{path}: patient(s) in more than one split: {_examples(list(leaking))}")
+    joined = joined.drop(columns="patient_id_split")
+    joined["fold"] = pd.to_numeric(joined["fold"], errors="coerce").fillna(-1).astype("int64")
+    if fold is not None:
+        folds = sorted(set(joined["fold"]) - {-1})
+        if fold not in folds:
+            raise InputError(f"{path}: fold {fold} not in the split file (folds: {folds or 'none'})")
+        joined.loc[(joined["split"] == "train") & (joined["fold"] == fold), "split"] = "val"
+    return joined
+
+
+def _check_images(root: Path, frame: pd.DataFrame, manifest_path: Path) -> None:
+    paths = frame["path"]
+    if paths.isna().any():
+        raise InputError(f"{manifest_path}: image {frame.loc[paths.isna(), 'image_id'].iloc[0]} "
+                         "has no path")
+    missing = [p for p in paths.astype(str) if not (root / p).is_file()]
+    if missing:
+        raise InputError(f"{manifest_path}: {len(missing)} image file(s) listed but not found under "
+                         f"{root}: {_examples(missing)}")
+
+
+# ----------------------------------------------------------------------------- decoding
+
+_reported_lock = threading.Lock()
+_reported: set[str] = set()
+
+
+def skipped_paths() -> list[str]:
+    """Paths that a pipeline in this process skipped as missing or unreadable."""
+    with _reported_lock:
+        return sorted(_reported)
+
+
+def _report_once(path: str, reason: str) -> None:
+    with _reported_lock:
+        if path in _reported:
+            return
+        _reported.add(path)
+    LOGGER.warning("skipping image %s: %s", path, reason)
+
+
+def read_image(path: str, size: tuple[int, int]) -> np.ndarray:
+    """Read an 8- or 16-bit PNG (or any cv2-readable image) as float32 ``[H, W, 1]`` in [0, 1].
+
+    Resized to ``size`` (H, W) with area interpolation when shrinking.
+    Raises ``OSError`` when the file is missing or cannot be decoded.
+    """
+    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if image is None:
+        reason = "file not found" if not os.path.exists(path) else "cannot decode"
+        raise OSError(reason)
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY)
+    if image.dtype == np.uint8:
+        scale = 255.0
+    elif image.dtype == np.uint16:
+        scale = 65535.0
+    else:
+        raise OSError(f"unsupported pixel type {image.dtype}")
+    height, width = size
+    if image.shape != (height, width):
+        shrink = image.shape[0] > height or image.shape[1] > width
+        image = cv2.resize(image, (width, height),
+                           interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return (image.astype(np.float32) * np.float32(1.0 / scale))[..., None]
+
+
+def _decode_or_skip(path: bytes, height: int, width: int) -> tuple[np.ndarray, bool]:
+    text = path.decode("utf-8")
+    try:
+        return read_image(text, (int(height), int(width))), True
+    except OSError as error:
+        _report_once(text, str(error))
+        return np.zeros((int(height), int(width), 1), np.float32), False
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def build_pipeline(
+    frame: pd.DataFrame,
+    root: PathLike,
+    *,
+    image_size: tuple[int, int],
+    batch_size: int,
+    conditioning: MetadataEncoder | None = None,
+    augment: str | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    repeat: bool = False,
+    cache: bool | str = False,
+    positive_fraction: float | None = None,
+    negative_fraction: float | None = None,
+    include_ids: bool = False,
+    drop_remainder: bool = False,
+    threads: int | None = None,
+) -> tf.data.Dataset:
+    """A ``tf.data.Dataset`` of dict batches from ``frame`` (rows of a :class:`MammoDataset`).
+
+    ``augment``: an :mod:`cvae_mammo.augment` policy name (None = none).
+    ``positive_fraction``: oversample positives to this expected share of
+    each batch (labels must be known). ``negative_fraction``: use this share
+    of the negatives, redrawn every epoch. ``cache``: True caches decoded
+    images in memory, a string caches them in files with that prefix.
+    ``threads``: private thread-pool size (default: TensorFlow's). The
+    order, the sampling and every augmentation are fixed by ``seed``.
+    """
+    import tensorflow as tf
+
+    if "path" not in frame.columns:
+        raise InputError("build_pipeline: the frame has no 'path' column (metadata-only manifest?)")
+    if len(frame) == 0:
+        raise InputError("build_pipeline: the frame has no rows")
+    if batch_size < 1:
+        raise InputError(f"batch_size {batch_size}: must be at least 1")
+    height, width = int(image_size[0]), int(image_size[1])
+    root = Path(root)
+    paths = np.asarray([os.fspath(root / p) for p in frame["path"].astype(str)], dtype=object)
+    labels = (frame["label"].to_numpy(np.float32) if "label" in frame.columns
+              else np.full(len(frame), np.nan, np.float32))
+    tables: dict[str, tf.Tensor] = {"path": tf.constant(paths.astype(str)),
+                                    "label": tf.constant(labels)}
+    if conditioning is not None:
+        tables["condition"] = tf.constant(conditioning.transform(frame))
+    if include_ids:
+        tables["image_id"] = tf.constant(frame["image_id"].astype(str).to_numpy().astype(str))
+    augmenter = Augmenter(augment) if augment and augment != "none" else None
+
+    def decode(index: tf.Tensor) -> dict[str, tf.Tensor]:
+        image, ok = tf.numpy_function(_decode_or_skip, [tf.gather(tables["path"], index), height, width],
+                                      [tf.float32, tf.bool], stateful=False)
+        image.set_shape((height, width, 1))
+        return {"index": index, "image": image, "ok": ok}
+
+    def decoded(ds: tf.data.Dataset) -> tf.data.Dataset:
+        ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.filter(lambda element: element["ok"])
+
+    def branch(indices: np.ndarray, name: str, take: int | None, forever: bool) -> tf.data.Dataset:
+        ds = tf.data.Dataset.from_tensor_slices(indices.astype(np.int64))
+        if cache:
+            ds = decoded(ds).cache(f"{cache}_{name}" if isinstance(cache, str) else "")
+        if shuffle or take is not None:
+            ds = ds.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True)
+        if take is not None:
+            ds = ds.take(take)
+        return ds.repeat() if forever else ds
+
+    everything = np.arange(len(frame))
+    if positive_fraction is None and negative_fraction is None:
+        ds = branch(everything, "all", None, repeat)
+    else:
+        if np.isnan(labels).any():
+            raise InputError(f"positive_fraction/negative_fraction need known labels; "
+                             f"{int(np.isnan(labels).sum())} row(s) have none (select label 0/1 first)")
+        positives, negatives = everything[labels == 1], everything[labels == 0]
+        if len(negatives) == 0:
+            raise InputError("negative_fraction/positive_fraction: the frame has no negatives")
+        kept = len(negatives)
+        if negative_fraction is not None:
+            if not 0 < negative_fraction <= 1:
+                raise InputError(f"negative_fraction {negative_fraction}: must be in (0, 1]")
+            kept = max(1, round(negative_fraction * len(negatives)))
+        if positive_fraction is None:
+            ds = branch(positives, "pos", None, False).concatenate(
+                branch(negatives, "neg", kept, False))
+            ds = ds.shuffle(len(positives) + kept, seed=seed + 1, reshuffle_each_iteration=True)
+            ds = ds.repeat() if repeat else ds
+        else:
+            if not 0 < positive_fraction < 1:
+                raise InputError(f"positive_fraction {positive_fraction}: must be in (0, 1)")
+            if len(positives) == 0:
+                raise InputError("positive_fraction: the frame has no positives to oversample")
+            ds = tf.data.Dataset.sample_from_datasets(
+                [branch(positives, "pos", None, True), branch(negatives, "neg", kept, True)],
+                weights=[positive_fraction, 1.0 - positive_fraction], seed=seed,
+                stop_on_empty_dataset=False)
+            if not repeat:
+                ds = ds.take(math.ceil(kept / (1.0 - positive_fraction)))
+    if not cache:
+        ds = decoded(ds)
+
+    def finish(counter: tf.Tensor, element: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        image = element["image"]
+        if augmenter is not None:
+            image = tf.numpy_function(
+                lambda img, i: augmenter(img, element_seed(seed, int(i))),
+                [image, counter], tf.float32, stateful=False)
+            image.set_shape((height, width, 1))
+        out = {"image": image}
+        index = element["index"]
+        out["label"] = tf.gather(tables["label"], index)
+        if "condition" in tables:
+            out["condition"] = tf.gather(tables["condition"], index)
+        if "image_id" in tables:
+            out["image_id"] = tf.gather(tables["image_id"], index)
+        return out
+
+    ds = ds.enumerate().map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    if threads is not None:
+        options.threading.private_threadpool_size = int(threads)
+    return ds.with_options(options)
