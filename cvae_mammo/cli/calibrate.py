@@ -1,0 +1,63 @@
+"""Choose and save a run's decision threshold from held-out (validation) patients.
+
+Scores the split with the run (as `cvae-mammo predict` does, writing
+scores_<split>.csv), then fits the threshold and the score normalisation and
+writes RUN_DIR/threshold.json (method, value, level, normalisation, validation
+counts and a bootstrap confidence interval of the operating point). With no
+positive image in the split only normal-quantile is defined: it is used with a
+warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cvae_mammo.calibration import Calibration
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `cvae-mammo calibrate`."""
+    parser.add_argument("--run", required=True, help="run folder (config.json, model.keras)")
+    parser.add_argument("--data", required=True, help="dataset folder (manifest.csv, splits.csv)")
+    parser.add_argument("--split", default="val", help="split to calibrate on")
+    parser.add_argument("--method", default="f1",
+                        help="f1 | pf1 | youden | sensitivity:0.9 | specificity:0.95 | "
+                             "normal-quantile:0.99")
+    parser.add_argument("--level", default="image", choices=("image", "breast"),
+                        help="threshold image scores or per-breast pooled scores")
+    parser.add_argument("--aggregation", default="mean", choices=("mean", "max", "soft-or"),
+                        help="per-breast pooling of image scores for --level breast")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+
+
+def calibrate_run(run_dir: str, data_dir: str, split: str = "val", method: str = "f1",
+                  level: str = "image", aggregation: str = "mean", seed: int = 0) -> Calibration:
+    """Score ``split`` with the run and save ``threshold.json``; returns the Calibration."""
+    from pathlib import Path
+
+    from cvae_mammo.calibration import calibrate
+    from cvae_mammo.predict import THRESHOLD_FILE, predict_split
+
+    scores = predict_split(run_dir, data_dir, split)
+    calibration = calibrate(scores, method=method, level=level, aggregation=aggregation,
+                            split=split, seed=seed)
+    calibration.save(Path(run_dir) / THRESHOLD_FILE)
+    return calibration
+
+
+def run(args: argparse.Namespace) -> int:
+    """Calibrate and print the chosen threshold."""
+    from pathlib import Path
+
+    calibration = calibrate_run(args.run, args.data, args.split, args.method, args.level,
+                                args.aggregation, args.seed)
+    point = calibration.operating_point
+    print(f"threshold {calibration.value:.6g} ({calibration.method_used}, {calibration.level} "
+          f"level) on {calibration.counts} -> {Path(args.run) / 'threshold.json'}")
+    print("sensitivity {:.3f}, specificity {:.3f}".format(
+        point.get("sensitivity", float("nan")), point.get("specificity", float("nan"))))
+    if calibration.warning:
+        print(f"warning: {calibration.warning}")
+    return 0
