@@ -75,6 +75,19 @@ def element_seed(run_seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(run_seed) & 0xFFFFFFFF, int(index)]).generate_state(1)[0])
 
 
+def _seed_tree(node, sequence: np.random.SeedSequence) -> None:
+    """Give ``node`` and every transform below it its own seed drawn from ``sequence``.
+
+    ``Compose.set_random_seed`` hands the SAME seed to every child, so their
+    "apply with probability p" draws would all be equal (all or nothing);
+    independent child seeds keep the decisions independent.
+    """
+    node.set_random_seed(int(sequence.generate_state(1)[0]))
+    children = getattr(node, "transforms", None) or []
+    for child, child_sequence in zip(children, sequence.spawn(len(children))):
+        _seed_tree(child, child_sequence)
+
+
 class Augmenter:
     """Apply a named policy to one image with a seed given per call (thread-safe)."""
 
@@ -94,7 +107,7 @@ class Augmenter:
         if self.policy == "none":
             return image
         compose = self._compose()
-        compose.set_random_seed(int(seed))
+        _seed_tree(compose, np.random.SeedSequence(int(seed)))
         out = compose(image=np.ascontiguousarray(image, dtype=np.float32))["image"]
         out = np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
         return out.reshape(image.shape)

@@ -99,10 +99,10 @@ def normalise_label(values: pd.Series, column: str = "label") -> pd.Series:
                             errors="coerce").astype("float64")
     bad = values[numeric.isna() & values.notna() & (values.astype(str).str.strip() != "")]
     if len(bad):
-        raise InputError(f"column {column!r}: label {bad.iloc[0]!r} is not 0, 1 or blank")
+        raise InputError(f"column {column!r}: label {str(bad.iloc[0])!r} is not 0, 1 or blank")
     wrong = numeric[numeric.notna() & ~numeric.isin([0.0, 1.0])]
     if len(wrong):
-        raise InputError(f"column {column!r}: label {wrong.iloc[0]!r} is not 0, 1 or blank")
+        raise InputError(f"column {column!r}: label {str(values.loc[wrong.index[0]])!r} is not 0, 1 or blank")
     return numeric
 
 
@@ -314,3 +314,23 @@ class MetadataEncoder:
 def _category_text(values: pd.Series) -> pd.Series:
     """Categorical values as text with ``""`` for missing (ints without ``.0``)."""
     return _id_text(values)
+
+
+def impute_from_train(frame: pd.DataFrame, train: pd.DataFrame,
+                      column: str = "age") -> tuple[pd.DataFrame, float]:
+    """Fill missing ``column`` values in ``frame`` with the median of ``train`` (the training split).
+
+    Returns the filled copy and the value used, which the caller records in
+    its run config; ``<column>_missing`` keeps track of the rows that were filled.
+    """
+    if column not in frame.columns or column not in train.columns:
+        raise InputError(f"column {column!r} not in the metadata; cannot impute it")
+    known = pd.to_numeric(train[column], errors="coerce").dropna()
+    if known.empty:
+        raise InputError(f"column {column!r}: no training row has a value to impute from")
+    value = float(known.median())
+    out = frame.copy()
+    numeric = pd.to_numeric(out[column], errors="coerce")
+    out[f"{column}_missing"] = numeric.isna()
+    out[column] = numeric.fillna(value)
+    return out, value
