@@ -187,11 +187,12 @@ def choose_threshold(scores: ArrayLike, labels: ArrayLike,
     return float(sweep.thresholds[index]), used, warning
 
 
-def _nan_to_none(value: Any) -> Any:
+def nan_to_none(value: Any) -> Any:
+    """Copy of nested dicts/lists with float NaN replaced by None (valid JSON null)."""
     if isinstance(value, dict):
-        return {key: _nan_to_none(item) for key, item in value.items()}
+        return {key: nan_to_none(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [_nan_to_none(item) for item in value]
+        return [nan_to_none(item) for item in value]
     if isinstance(value, float) and np.isnan(value):
         return None
     return value
@@ -233,7 +234,7 @@ class Calibration:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dictionary (the threshold.json content); undefined values become null."""
-        return _nan_to_none(dataclasses.asdict(self))
+        return nan_to_none(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "threshold.json") -> Calibration:

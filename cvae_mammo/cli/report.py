@@ -1,0 +1,210 @@
+"""Side-by-side ROC / F1 report of several runs (CVAE, classifier, ...) on the same split.
+
+Reads each run's scores_<split>.csv and threshold.json (scoring the split with
+the run first when the scores file is missing), takes labels, patients and
+breasts from the dataset's manifest.csv, and writes to --out: report.html (one
+self-contained page), metrics.json, metrics.md and figures/*.png, at image and
+breast level. Refuses runs trained on different split files (metadata.json
+splits_sha256) unless --allow-different-splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from cvae_mammo.errors import InputError
+from cvae_mammo.fileio import PathLike, file_sha256, read_json
+
+if TYPE_CHECKING:
+    from cvae_mammo.report import RunScores
+
+LOGGER = logging.getLogger(__name__)
+
+_ID_COLUMNS = {"image_id": str, "patient_id": str, "prediction_id": str}
+_ALLOW_HINT = "pass --allow-different-splits to compare them anyway"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `cvae-mammo report`."""
+    parser.add_argument("--run", action="append", required=True, metavar="RUN_DIR",
+                        help="run folder; repeat for each run to compare")
+    parser.add_argument("--name", action="append", default=None, metavar="NAME",
+                        help="display name per --run, in the same order (default: folder name)")
+    parser.add_argument("--data", required=True, metavar="DATASET_DIR",
+                        help="dataset folder (manifest.csv with labels, splits.csv)")
+    parser.add_argument("--split", default="test", help="split the runs were scored on")
+    parser.add_argument("--out", required=True, metavar="REPORT_DIR", help="report folder")
+    parser.add_argument("--maps", action="append", default=None, metavar="DIR",
+                        help="map PNGs (<image_id>.png from `predict --maps`) per --run, in the "
+                             "same order, for the example grid ('' for a run without maps)")
+    parser.add_argument("--allow-different-splits", action="store_true",
+                        help="compare runs whose split files differ (hash mismatch)")
+    parser.add_argument("--n-bootstrap", type=int, default=1000,
+                        help="patient-level bootstrap resamples for the confidence intervals")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+
+
+def _read_metadata(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "metadata.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: run metadata missing (is {run_dir} a run folder?)")
+    return read_json(path)
+
+
+def check_split_hashes(run_dirs: Sequence[Path], data_dir: Path,
+                       allow_different: bool = False) -> list[str]:
+    """Refuse runs whose split files differ from each other or from the dataset's splits.csv.
+
+    Returns warnings (the mismatches when ``allow_different``, or missing hashes).
+    """
+    hashes = {run_dir: _read_metadata(run_dir).get("splits_sha256") for run_dir in run_dirs}
+    splits_path = data_dir / "splits.csv"
+    problems = []
+    known = {h for h in hashes.values() if h}
+    if len(known) > 1:
+        listing = ", ".join(f"{d.name}: {str(h)[:12]}" for d, h in hashes.items())
+        problems.append(f"the runs were trained on different split files ({listing})")
+    if splits_path.is_file() and known:
+        current = file_sha256(splits_path)
+        differing = [d.name for d, h in hashes.items() if h and h != current]
+        if differing:
+            problems.append(f"{splits_path} is not the split file that run(s) "
+                            f"{', '.join(differing)} were trained with")
+    missing = [d.name for d, h in hashes.items() if not h]
+    if missing:
+        problems.append(f"run(s) {', '.join(missing)} record no splits_sha256 in metadata.json, "
+                        "so their split file cannot be checked")
+    if problems and not allow_different:
+        raise InputError("; ".join(problems) + f"; {_ALLOW_HINT}")
+    return problems
+
+
+def load_manifest(data_dir: Path) -> pd.DataFrame:
+    """``image_id, patient_id, prediction_id, label`` of the dataset's manifest.csv."""
+    path = data_dir / "manifest.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: dataset manifest not found")
+    manifest = pd.read_csv(path, dtype=_ID_COLUMNS, keep_default_na=False, na_values=[""])
+    missing = [c for c in ("image_id", "patient_id", "prediction_id", "label")
+               if c not in manifest]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
+    if manifest["image_id"].duplicated().any():
+        raise InputError(f"{path}: image_id {manifest['image_id'][manifest['image_id'].duplicated()].iloc[0]!r} "
+                         "appears twice")
+    labels = pd.to_numeric(manifest["label"], errors="coerce")
+    if not labels.dropna().isin([0, 1]).all():
+        raise InputError(f"{path}: column 'label' holds values other than 0, 1 or blank")
+    return manifest.assign(label=labels)[["image_id", "patient_id", "prediction_id", "label"]]
+
+
+def load_scores(run_dir: Path, data_dir: Path, split: str) -> pd.DataFrame:
+    """``image_id, score`` of a run's scores_<split>.csv, scoring the split first if needed."""
+    path = run_dir / f"scores_{split}.csv"
+    if not path.is_file():
+        LOGGER.info("%s missing: scoring split %r with the run", path, split)
+        from cvae_mammo.predict import predict_split
+
+        predict_split(run_dir, data_dir, split)
+    scores = pd.read_csv(path, dtype=_ID_COLUMNS, keep_default_na=False, na_values=[""])
+    for column in ("image_id", "score"):
+        if column not in scores:
+            raise InputError(f"{path}: missing column {column!r}")
+    values = pd.to_numeric(scores["score"], errors="coerce")
+    if values.isna().any():
+        bad = scores.loc[values.isna(), "image_id"].iloc[0]
+        raise InputError(f"{path}: image {bad!r} has no numeric score")
+    if scores["image_id"].duplicated().any():
+        raise InputError(f"{path}: image_id {scores['image_id'][scores['image_id'].duplicated()].iloc[0]!r} "
+                         "appears twice")
+    return scores.assign(score=values)[["image_id", "score"]]
+
+
+def _unique_names(run_dirs: Sequence[Path], names: Sequence[str] | None) -> list[str]:
+    if names:
+        if len(names) != len(run_dirs):
+            raise InputError(f"got {len(names)} --name for {len(run_dirs)} --run")
+        chosen = list(names)
+    else:
+        chosen = [d.resolve().name for d in run_dirs]
+        if len(set(chosen)) != len(chosen):
+            chosen = [f"{d.resolve().parent.name}/{d.resolve().name}" for d in run_dirs]
+    if len(set(chosen)) != len(chosen):
+        raise InputError(f"run names {chosen} are not unique; give --name for each --run")
+    return chosen
+
+
+def collect_runs(run_dirs: Sequence[PathLike], data_dir: PathLike, split: str = "test",
+                 names: Sequence[str] | None = None,
+                 maps_dirs: Sequence[PathLike] | None = None,
+                 allow_different_splits: bool = False) -> tuple[list[RunScores], list[str]]:
+    """Load the runs' scores on their common labelled images; returns (runs, warnings)."""
+    from cvae_mammo.calibration import Calibration
+    from cvae_mammo.report import RunScores
+    from cvae_mammo.runs import read_run_config
+
+    run_paths = [Path(d) for d in run_dirs]
+    data_dir = Path(data_dir)
+    names = _unique_names(run_paths, names)
+    if maps_dirs and len(maps_dirs) > len(run_paths):
+        raise InputError(f"got {len(maps_dirs)} --maps for {len(run_paths)} --run")
+    warnings = check_split_hashes(run_paths, data_dir, allow_different_splits)
+    manifest = load_manifest(data_dir)
+    scored = {}
+    for name, run_dir in zip(names, run_paths):
+        scores = load_scores(run_dir, data_dir, split)
+        unknown = sorted(set(scores["image_id"]) - set(manifest["image_id"]))
+        if unknown:
+            raise InputError(f"{run_dir / f'scores_{split}.csv'}: {len(unknown)} image(s) not in "
+                             f"{data_dir / 'manifest.csv'} (first: {unknown[0]!r})")
+        scored[name] = scores
+    common = set.intersection(*(set(s["image_id"]) for s in scored.values()))
+    for name, scores in scored.items():
+        if len(scores) != len(common):
+            warnings.append(f"{name}: {len(scores) - len(common)} scored image(s) not scored by "
+                            f"every run were left out")
+    table = manifest[manifest["image_id"].isin(common)]
+    unlabelled = int(table["label"].isna().sum())
+    if unlabelled:
+        warnings.append(f"{unlabelled} image(s) without a label were left out")
+    table = table.dropna(subset=["label"])
+    runs = []
+    for index, (name, run_dir) in enumerate(zip(names, run_paths)):
+        threshold_path = run_dir / "threshold.json"
+        calibration = Calibration.load(threshold_path) if threshold_path.is_file() else None
+        if calibration is None:
+            warnings.append(f"{name}: no threshold.json, so no metrics at a threshold")
+        images = table.merge(scored[name], on="image_id", how="left").sort_values("image_id")
+        maps = maps_dirs[index] if maps_dirs and index < len(maps_dirs) else None
+        runs.append(RunScores(name=name, images=images.reset_index(drop=True),
+                              calibration=calibration, maps_dir=Path(maps) if maps else None,
+                              model_type=read_run_config(run_dir).get("model_type"),
+                              run_dir=str(run_dir)))
+    return runs, warnings
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the report and print the headline numbers."""
+    from cvae_mammo.report import write_report
+
+    runs, warnings = collect_runs(args.run, args.data, args.split, args.name, args.maps,
+                                  args.allow_different_splits)
+    for warning in warnings:
+        LOGGER.warning(warning)
+    summary = write_report(runs, args.out, args.split, n_bootstrap=args.n_bootstrap,
+                           seed=args.seed, warnings=warnings)
+    for level, results in summary["levels"].items():
+        for name, result in results.items():
+            low, high = result["roc_auc_ci"]
+            at = result["at_threshold"]
+            f1 = f", F1 {at['f1']:.3f} at {at['threshold']:.4g}" if at else ""
+            print(f"{level:6s} {name}: ROC-AUC {result['roc_auc']:.3f} [{low:.3f}, {high:.3f}], "
+                  f"PR-AUC {result['pr_auc']:.3f}{f1}")
+    print(f"report -> {Path(args.out) / 'report.html'}")
+    return 0
