@@ -1,0 +1,262 @@
+"""Train the CVAE on negative images: :func:`fit_cvae` (``cvae-mammo fit-cvae``).
+
+Training reads the train-split negatives only (positives and unknown labels
+never reach a batch), validates on the val-split negatives, augments with
+the ``cvae`` policy, and writes a run folder (see :mod:`cvae_mammo.runs`):
+``model.keras`` (weights of the best validation epoch), ``config.json``,
+``metadata.json``, ``history.csv``, ``logs/`` (TensorBoard),
+``checkpoints/`` (per epoch, for ``resume=True``), ``reconstructions/``
+(PNG grids of fixed validation images: original | reconstruction | 4x
+absolute error inside the breast) and ``validation.json`` (reconstruction
+quality of the final model on the val negatives: SSIM and MAE inside the breast).
+
+A CPU-trained mini-MIAS run lives at ``/work/runs/mias_cvae`` (256x128);
+load it with ``cvae_mammo.runs.load_run_model(run_dir)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import cv2
+import keras
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from cvae_mammo.config import parse_image_size
+from cvae_mammo.data import MammoDataset, build_pipeline, read_image
+from cvae_mammo.errors import InputError
+from cvae_mammo.fileio import PathLike, atomic_write_bytes, atomic_write_json
+from cvae_mammo.losses import breast_mask, ssim_map
+from cvae_mammo.metadata import MetadataEncoder
+from cvae_mammo.models.cvae import ConvVAE, CVAEConfig, build_cvae
+from cvae_mammo.runs import MODEL_NAME, prepare_run_dir, run_config, write_run_metadata
+from cvae_mammo.training import (
+    BEST_CHECKPOINT,
+    CHECKPOINT_DIR,
+    configure_precision,
+    distribution_strategy,
+    make_optimizer,
+    resolve_xla,
+    resume_point,
+    set_global_seed,
+    standard_callbacks,
+)
+
+LOGGER = logging.getLogger(__name__)
+PRESETS = {"default": CVAEConfig, "small": CVAEConfig.small}
+
+
+def resolve_config(config: CVAEConfig | PathLike | None) -> CVAEConfig:
+    """A :class:`CVAEConfig` from an instance, a preset name (default/small) or a JSON/YAML file."""
+    if config is None:
+        return CVAEConfig()
+    if isinstance(config, CVAEConfig):
+        return config
+    if str(config) in PRESETS:
+        return PRESETS[str(config)]()
+    path = Path(config)
+    if not path.is_file():
+        raise InputError(f"{path}: CVAE config file not found (or use a preset: "
+                         f"{', '.join(PRESETS)})")
+    try:
+        return CVAEConfig.load(path)
+    except (ValueError, TypeError) as error:
+        raise InputError(f"{path}: {error}") from error
+
+
+def training_frames(dataset: MammoDataset) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train-split and val-split negatives (label 0); positives and unknown labels excluded."""
+    train = dataset.subset(split="train", label=0)
+    val = dataset.subset(split="val", label=0)
+    if train.empty:
+        raise InputError(f"{dataset.splits_path}: the train split has no negative images to fit on")
+    return train, val
+
+
+def _negatives_only(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    tf.debugging.assert_equal(batch["label"], tf.zeros_like(batch["label"]),
+                              message="a non-negative image reached a CVAE training batch")
+    return batch
+
+
+def cvae_pipelines(
+    dataset: MammoDataset,
+    config: CVAEConfig,
+    encoder: MetadataEncoder | None,
+    seed: int,
+) -> tuple[tf.data.Dataset, tf.data.Dataset | None]:
+    """Training (shuffled, augmented, asserted negative-only) and validation pipelines."""
+    train, val = training_frames(dataset)
+    common = {"image_size": config.image_size, "batch_size": config.batch_size,
+              "conditioning": encoder}
+    train_ds = build_pipeline(train, dataset.root, augment=config.augment, shuffle=True,
+                              seed=seed, **common).map(_negatives_only)
+    val_ds = None if val.empty else build_pipeline(val, dataset.root, seed=seed, **common)
+    return train_ds, val_ds
+
+
+def _load_images(frame: pd.DataFrame, root: Path, size: tuple[int, int]) -> np.ndarray:
+    return np.stack([read_image(os.fspath(root / p), size) for p in frame["path"].astype(str)])
+
+
+def reconstruction_grid(images: np.ndarray, reconstructions: np.ndarray,
+                        threshold: float = 0.04) -> np.ndarray:
+    """uint8 grid, one row per image: original | reconstruction | 4x |error| inside the breast."""
+    mask = breast_mask(images, threshold).numpy()
+    error = np.clip(4.0 * np.abs(images - reconstructions) * mask, 0.0, 1.0)
+    gap = np.ones((images.shape[1], 4), np.float32)
+    rows = [np.concatenate([images[i, ..., 0], gap, reconstructions[i, ..., 0], gap,
+                            error[i, ..., 0]], axis=1) for i in range(len(images))]
+    spacer = np.ones((4, rows[0].shape[1]), np.float32)
+    stacked = np.concatenate([part for row in rows for part in (row, spacer)][:-1], axis=0)
+    return np.round(stacked * 255.0).astype(np.uint8)
+
+
+def write_grid(path: Path, grid: np.ndarray) -> None:
+    """Encode a uint8 grid as PNG and write it atomically."""
+    ok, encoded = cv2.imencode(".png", grid)
+    if not ok:
+        raise OSError(f"{path}: PNG encoding failed")
+    atomic_write_bytes(path, encoded.tobytes())
+
+
+class ReconstructionSnapshots(keras.callbacks.Callback):
+    """Save ``reconstructions/epoch_NNN.png`` of fixed validation images every ``every`` epochs."""
+
+    def __init__(self, folder: Path, images: np.ndarray, condition: np.ndarray | None,
+                 every: int, threshold: float) -> None:
+        super().__init__()
+        self.folder, self.images, self.condition = folder, images, condition
+        self.every, self.threshold = max(1, int(every)), threshold
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if (epoch + 1) % self.every:
+            return
+        recon = self.model.reconstruct(self.images, self.condition)
+        write_grid(self.folder / f"epoch_{epoch + 1:03d}.png",
+                   reconstruction_grid(self.images, recon, self.threshold))
+
+
+def reconstruction_quality(model: ConvVAE, images: np.ndarray,
+                           condition: np.ndarray | None = None) -> dict[str, Any]:
+    """Mean SSIM and MAE inside the breast mask of posterior-mean reconstructions."""
+    recon = model.reconstruct(images, condition)
+    mask = breast_mask(images, model.config.mask_threshold).numpy()
+    pixels = np.maximum(mask.sum(axis=(1, 2, 3)), 1.0)
+    ssim = (ssim_map(images, recon).numpy() * mask).sum(axis=(1, 2, 3)) / pixels
+    mae = (np.abs(images - recon) * mask).sum(axis=(1, 2, 3)) / pixels
+    return {"images": len(images), "ssim_breast_mean": float(ssim.mean()),
+            "ssim_breast_min": float(ssim.min()), "mae_breast_mean": float(mae.mean()),
+            "ssim_breast_per_image": [round(float(v), 5) for v in ssim]}
+
+
+def fit_cvae(
+    data_dir: PathLike,
+    out_dir: PathLike,
+    config: CVAEConfig | PathLike | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    image_size: tuple[int, int] | str | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    precision: str = "float32",
+    xla: str | bool = "auto",
+    conditioning: list[str] | tuple[str, ...] | None = None,
+    command: list[str] | None = None,
+) -> Path:
+    """Train a CVAE on ``data_dir``'s train negatives and return the run folder ``out_dir``.
+
+    ``config`` is a :class:`CVAEConfig`, a preset name (``default`` for
+    1456x728, ``small`` for CPU) or a JSON/YAML file; ``epochs``,
+    ``batch_size``, ``image_size`` and ``conditioning`` (metadata columns)
+    override it. ``resume=True`` continues ``out_dir`` from its last
+    per-epoch checkpoint (``epochs`` counts from the start of the run).
+    Raises :class:`~cvae_mammo.errors.TrainingDivergedError` on a NaN/inf loss.
+    """
+    cfg = resolve_config(config).replace(
+        epochs=epochs, batch_size=batch_size,
+        image_size=None if image_size is None else parse_image_size(image_size),
+        conditioning=None if conditioning is None else tuple(conditioning))
+    set_global_seed(seed)
+    policy = configure_precision(precision)
+    dataset = MammoDataset.open(data_dir)
+    encoder = dataset.encoder(cfg.conditioning) if cfg.conditioning else None
+    cfg = cfg.replace(condition_dim=encoder.dim if encoder is not None else 0)
+    training = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": seed,
+                "precision": precision, "dtype_policy": policy, "xla": str(xla),
+                "augment": cfg.augment, "train": "train split, label 0",
+                "validation": "val split, label 0"}
+    payload = run_config("cvae", cfg.image_size, cfg.to_dict(), training, encoder)
+    run_dir = prepare_run_dir(out_dir, payload, resume=resume)
+    write_run_metadata(run_dir, data_dir, seed, command if command is not None else sys.argv)
+
+    train_frame, val_frame = training_frames(dataset)
+    train_ds, val_ds = cvae_pipelines(dataset, cfg, encoder, seed)
+    steps = math.ceil(len(train_frame) / cfg.batch_size)
+    LOGGER.info("fit-cvae: %d train negatives, %d val negatives, %s, %d steps/epoch, run %s",
+                len(train_frame), len(val_frame), "x".join(map(str, cfg.image_size)), steps,
+                run_dir)
+    point = resume_point(run_dir) if resume else None
+    with distribution_strategy().scope():
+        if point is not None:
+            LOGGER.info("resuming from %s after epoch %d", point.checkpoint, point.epoch)
+            model = keras.models.load_model(point.checkpoint)
+        else:
+            model = build_cvae(cfg, seed=seed)
+            model.compile(optimizer=make_optimizer(
+                cfg.learning_rate, total_steps=steps * cfg.epochs,
+                warmup_steps=steps * cfg.warmup_epochs, weight_decay=cfg.weight_decay,
+                clipnorm=cfg.clipnorm), jit_compile=resolve_xla(xla))
+    initial_epoch = point.epoch if point is not None else 0
+
+    snapshot_frame = (val_frame if not val_frame.empty else train_frame).head(cfg.recon_images)
+    snapshot_images = _load_images(snapshot_frame, dataset.root, cfg.image_size)
+    snapshot_condition = encoder.transform(snapshot_frame) if encoder is not None else None
+    callbacks = standard_callbacks(
+        run_dir, cfg.batch_size, steps, cfg.epochs, initial_epoch=initial_epoch,
+        patience=cfg.early_stopping_patience, monitor="val_loss" if val_ds is not None else "loss",
+        state=point.state if point is not None else None)
+    callbacks.append(ReconstructionSnapshots(run_dir / "reconstructions", snapshot_images,
+                                             snapshot_condition, cfg.recon_every,
+                                             cfg.mask_threshold))
+    if initial_epoch < cfg.epochs:
+        model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs,
+                  initial_epoch=initial_epoch, callbacks=callbacks, verbose=0)
+    return _finish(run_dir, model, val_frame, dataset.root, cfg, encoder, snapshot_images,
+                   snapshot_condition)
+
+
+def _finish(run_dir: Path, model: ConvVAE, val_frame: pd.DataFrame, root: Path, cfg: CVAEConfig,
+            encoder: MetadataEncoder | None, snapshot_images: np.ndarray,
+            snapshot_condition: np.ndarray | None) -> Path:
+    """Keep the best checkpoint as model.keras; write validation.json and the final figure."""
+    best = run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT
+    if best.is_file():
+        temporary = run_dir / f".{MODEL_NAME}.tmp.keras"
+        shutil.copyfile(best, temporary)
+        os.replace(temporary, run_dir / MODEL_NAME)
+        model = keras.models.load_model(run_dir / MODEL_NAME)
+    else:
+        model.save(run_dir / MODEL_NAME)
+    write_grid(run_dir / "reconstructions" / "final.png",
+               reconstruction_grid(snapshot_images,
+                                   model.reconstruct(snapshot_images, snapshot_condition),
+                                   cfg.mask_threshold))
+    if not val_frame.empty:
+        images = _load_images(val_frame, root, cfg.image_size)
+        condition = encoder.transform(val_frame) if encoder is not None else None
+        quality = reconstruction_quality(model, images, condition)
+        quality["image_ids"] = val_frame["image_id"].astype(str).tolist()
+        atomic_write_json(run_dir / "validation.json", quality)
+        LOGGER.info("validation negatives: SSIM inside the breast %.4f (min %.4f), MAE %.4f",
+                    quality["ssim_breast_mean"], quality["ssim_breast_min"],
+                    quality["mae_breast_mean"])
+    return run_dir
