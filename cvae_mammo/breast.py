@@ -48,8 +48,10 @@ def breast_mask(image: np.ndarray) -> np.ndarray:
     gray = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
     gray = cv2.medianBlur(gray, 3)
     otsu, _ = cv2.threshold(gray, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    # Half the Otsu level keeps the faint skin line; the floor rejects noise.
-    level = max(4.0, 0.5 * float(otsu))
+    # Halfway between the background and the Otsu level keeps the faint skin line;
+    # the floor above the background rejects noise.
+    background = float(np.percentile(gray[::4, ::4], 2))
+    level = max(background + 4.0, 0.5 * (background + float(otsu)))
     binary = (gray > level).astype(np.uint8)
     side = max(3, round(0.015 * min(height, width))) | 1
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))

@@ -96,6 +96,7 @@ class DicomImage:
     voi_function: str
     has_voi_lut_sequence: bool
     resolution_levels: int
+    j2k_precision: int
     patient_id: str
     image_uid: str
     laterality: str
@@ -108,7 +109,7 @@ class DicomImage:
                              f"0..{self.resolution_levels}")
         try:
             if self.transfer_syntax in JPEG2000_SYNTAXES and self._pillow_can_decode():
-                array = _decode_jpeg2000(self._frame(), level)
+                array = _decode_jpeg2000(self._frame(), level, self.j2k_precision)
             elif self.transfer_syntax in JPEG_LOSSLESS_SYNTAXES and self._unsigned():
                 import imagecodecs
 
@@ -129,6 +130,20 @@ class DicomImage:
             raise ImageReadError(self.source, f"decoded pixels have shape {array.shape}, "
                                  f"expected {expected}", "decode")
         return array
+
+    def decode_best(self, level: int) -> tuple[np.ndarray, int]:
+        """Decode at ``level``, or the nearest finer level the decoder manages.
+
+        Pillow's OpenJPEG refuses some reductions (e.g. 1/8 of a 2776x2082
+        RSNA image); returns the pixels and the level actually used.
+        """
+        while True:
+            try:
+                return self.decode(level), level
+            except ImageReadError:
+                if level == 0:
+                    raise
+                level -= 1
 
     def _unsigned(self) -> bool:
         return int(self.dataset.get("PixelRepresentation", 0)) == 0
@@ -179,11 +194,11 @@ def read_dicom(path: PathLike) -> DicomImage:
         bits_stored = int(dataset.get("BitsStored", dataset.get("BitsAllocated", 16)))
     except (AttributeError, TypeError, ValueError) as error:
         raise ImageReadError(source, f"image geometry missing ({error})", "read") from error
-    levels = 0
+    levels, precision = 0, 0
     if syntax in JPEG2000_SYNTAXES:
         try:
             frame = next(generate_frames(dataset.PixelData, number_of_frames=1))
-            levels = jpeg2000_decomposition_levels(frame)
+            levels, precision = jpeg2000_header(frame)
         except Exception as error:
             raise ImageReadError(source, f"JPEG 2000 codestream unreadable ({error})",
                                  "decode") from error
@@ -201,6 +216,7 @@ def read_dicom(path: PathLike) -> DicomImage:
         voi_function=str(dataset.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper(),
         has_voi_lut_sequence="VOILUTSequence" in dataset,
         resolution_levels=levels,
+        j2k_precision=precision,
         patient_id=str(dataset.get("PatientID", "") or ""),
         image_uid=str(dataset.get("SOPInstanceUID", "") or ""),
         laterality=str(dataset.get("ImageLaterality", "") or dataset.get("Laterality", "") or ""),
@@ -218,29 +234,35 @@ def _window_pairs(dataset: Dataset) -> list[tuple[float, float]]:
     return [(float(c), float(w)) for c, w in zip(centers, widths) if float(w) > 0]
 
 
-def jpeg2000_decomposition_levels(frame: bytes) -> int:
-    """Number of wavelet decomposition levels in a J2K codestream (optionally JP2-wrapped)."""
+def jpeg2000_header(frame: bytes) -> tuple[int, int]:
+    """(decomposition levels, bit precision) of a J2K codestream (optionally JP2-wrapped)."""
     start = frame.find(_J2K_SOC_SIZ)
     if start < 0:
         raise ValueError("no J2K codestream (SOC/SIZ markers) found")
+    # SIZ: marker, Lsiz, Rsiz, 8 x 4-byte sizes, Csiz, then Ssiz of the first component.
+    precision = (frame[start + 2 + 40] & 0x7F) + 1
     position = start + 2
     while position + 4 <= len(frame):
         marker, length = struct.unpack(">HH", frame[position : position + 4])
         if marker == 0xFF52:  # COD: Lcod, Scod, SGcod (4 bytes), then the level count
-            return frame[position + 9]
+            return frame[position + 9], precision
         if marker in (0xFF90, 0xFF93):  # start of tile / data before any COD
             break
         position += 2 + length
     raise ValueError("no COD marker in the J2K main header")
 
 
-def _decode_jpeg2000(frame: bytes, level: int) -> np.ndarray:
+def _decode_jpeg2000(frame: bytes, level: int, precision: int) -> np.ndarray:
     with Image.open(io.BytesIO(frame)) as image:
         image.reduce = level
         image.load()
-        if image.mode not in {"L", "I;16", "I;16L", "I;16B", "I"}:
+        if image.mode not in {"L", "I;16", "I;16L", "I;16B"}:
             raise ValueError(f"unexpected JPEG 2000 image mode {image.mode}")
-        return np.asarray(image)
+        array = np.asarray(image)
+    if array.dtype == np.uint16 and 8 < precision < 16:
+        # Pillow scales 9-15 bit samples up to the full 16-bit range; undo it exactly.
+        array = array >> (16 - precision)
+    return array
 
 
 def rescale(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
@@ -335,7 +357,9 @@ def _apply_lut_sequence(values: np.ndarray, image: DicomImage) -> np.ndarray:
     entries = entries or 65536
     data = item.LUTData
     if isinstance(data, bytes):
-        lut = np.frombuffer(data, dtype="<u2" if bits > 8 else np.uint8)
+        # OW data: 16-bit words, even for 8-bit LUTs, unless it has one byte per entry.
+        one_byte = len(data) == entries and bits <= 8
+        lut = np.frombuffer(data, dtype=np.uint8 if one_byte else "<u2")
     else:
         lut = np.asarray(data if isinstance(data, list | tuple | np.ndarray) else [data])
     lut = lut[:entries].astype(np.float32)

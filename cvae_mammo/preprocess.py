@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 #: Side of the thumbnail the breast is located on (pixels, longest side).
 THUMBNAIL_SIDE = 512
+#: Crop boxes are aligned to this many original pixels, so every JPEG 2000 level crops alike.
+BOX_ALIGN = 8
 #: Views treated as MLO for pectoral-muscle masking (blank = unknown, also masked).
 MLO_VIEWS = frozenset({"MLO", "ML", "LMO", "LM", "XCCL_MLO", ""})
 #: Config fields that do not change the pixels (excluded from the settings hash).
@@ -148,36 +150,40 @@ class ProcessedImage:
 
 @dataclasses.dataclass
 class _Decoded:
-    """A display-ready image at some resolution level, plus how to get other levels."""
+    """Stored pixels at one resolution level and how to turn them into display values."""
 
-    display: np.ndarray  # float32 [0, 1], tissue bright
+    stored: np.ndarray  # integer pixels at 1/2**level resolution
     level: int
-    levels: int
+    levels: int  # coarsest level the file offers (0: full resolution only)
     dicom: DicomImage | None
-    window: WindowChoice | None
+    window: WindowChoice | None = None
+
+    def display(self, stored: np.ndarray) -> np.ndarray:
+        """Float32 display values in [0, 1], tissue bright, of (a crop of) stored pixels."""
+        if self.dicom is None:
+            top = 255.0 if stored.dtype == np.uint8 else 65535.0
+            return stored.astype(np.float32) * np.float32(1.0 / top)
+        values = rescale(stored, self.dicom.slope, self.dicom.intercept)
+        return self.window.apply(values, self.dicom)
 
 
 def _open(path: Path, config: PreprocessConfig) -> _Decoded:
+    """Decode at the coarsest level the full image allows; the crop check may refine it."""
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        stored = read_grayscale(path)
-        scale = np.float32(255.0 if stored.dtype == np.uint8 else 65535.0)
-        return _Decoded(stored.astype(np.float32) / scale, 0, 0, None, None)
+        return _Decoded(read_grayscale(path), 0, 0, None)
     dicom = read_dicom(path)
     levels = dicom.resolution_levels if config.reduced_resolution else 0
-    longest = max(dicom.rows, dicom.columns)
-    level = min(levels, max(0, int(math.log2(longest / THUMBNAIL_SIDE)))) if levels else 0
-    values = rescale(dicom.decode(level), dicom.slope, dicom.intercept)
-    window = choose_window(dicom, values, config.window_index, config.percentiles)
-    return _Decoded(window.apply(values, dicom), level, levels, dicom, window)
+    stored, level = dicom.decode_best(choose_level(dicom.rows, dicom.columns, config, levels))
+    return _Decoded(stored, level, levels, dicom)
 
 
-def _thumbnail(display: np.ndarray) -> np.ndarray:
-    height, width = display.shape
+def _thumbnail(stored: np.ndarray) -> np.ndarray:
+    height, width = stored.shape
     factor = THUMBNAIL_SIDE / max(height, width)
     if factor >= 1.0:
-        return display
+        return stored
     size = (max(1, round(width * factor)), max(1, round(height * factor)))
-    return cv2.resize(display, size, interpolation=cv2.INTER_AREA)
+    return cv2.resize(stored, size, interpolation=cv2.INTER_AREA)
 
 
 def _scale_box(box: tuple[int, int, int, int], from_shape: tuple[int, int],
@@ -201,22 +207,82 @@ def choose_level(crop_height: int, crop_width: int, config: PreprocessConfig,
     return min(levels, math.floor(math.log2(room)))
 
 
-def _resize(crop: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+def _output_shape(height: int, width: int, config: PreprocessConfig) -> tuple[int, int]:
+    """Size the crop is resampled to: the output size, or its aspect-preserving fit."""
     out_h, out_w = config.image_size
-    height, width = crop.shape
     if config.resize == "stretch":
-        shrink = height >= out_h and width >= out_w
+        return out_h, out_w
+    factor = min(out_h / height, out_w / width)
+    return min(out_h, max(1, round(height * factor))), min(out_w, max(1, round(width * factor)))
+
+
+def _resample(crop: np.ndarray, level: int, full_size: tuple[int, int],
+              shape: tuple[int, int]) -> np.ndarray:
+    """Resample a crop decoded at ``level`` (covering ``full_size`` original pixels) to ``shape``.
+
+    At full resolution this is an area resize. A JPEG 2000 LL band sample k
+    is centred on original pixel ``2**level * k``, not on the middle of its
+    block as an area resize assumes, so reduced levels are resampled with the
+    exact affine map after a Gaussian anti-alias blur; both paths then agree
+    to within ~40+ dB PSNR.
+    """
+    out_h, out_w = shape
+    if level == 0:
+        shrink = crop.shape[0] >= out_h and crop.shape[1] >= out_w
         method = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
         return cv2.resize(crop, (out_w, out_h), interpolation=method)
-    factor = min(out_h / height, out_w / width)
-    new_h = min(out_h, max(1, round(height * factor)))
-    new_w = min(out_w, max(1, round(width * factor)))
-    method = cv2.INTER_AREA if factor < 1.0 else cv2.INTER_LINEAR
-    resized = cv2.resize(crop, (new_w, new_h), interpolation=method)
-    canvas = np.zeros((out_h, out_w), dtype=crop.dtype)
-    top = (out_h - new_h) // 2
-    canvas[top : top + new_h, :new_w] = resized
+    step = float(2**level)
+    sy, sx = full_size[0] / out_h, full_size[1] / out_w  # original pixels per output pixel
+    ry, rx = sy / step, sx / step  # decoded pixels per output pixel
+    if max(ry, rx) > 1.0:
+        sigma_y = 0.5 * math.sqrt(max(ry, 1.0) ** 2 - 1.0)
+        sigma_x = 0.5 * math.sqrt(max(rx, 1.0) ** 2 - 1.0)
+        crop = cv2.GaussianBlur(crop, (0, 0), sigmaX=max(sigma_x, 1e-3),
+                                sigmaY=max(sigma_y, 1e-3), borderType=cv2.BORDER_REPLICATE)
+    matrix = np.array([[rx, 0.0, (0.5 * sx - 0.5) / step],
+                       [0.0, ry, (0.5 * sy - 0.5) / step]], dtype=np.float64)
+    return cv2.warpAffine(crop, matrix, (out_w, out_h),
+                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_REPLICATE)
+
+
+def _place(image: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """Put an aspect-preserving resample on the output canvas (chest wall left, centred)."""
+    out_h, out_w = config.image_size
+    if image.shape == (out_h, out_w):
+        return image
+    canvas = np.zeros((out_h, out_w), dtype=image.dtype)
+    top = (out_h - image.shape[0]) // 2
+    canvas[top : top + image.shape[0], : image.shape[1]] = image
     return canvas
+
+
+def _align(box: tuple[int, int, int, int], shape: tuple[int, int],
+           step: int) -> tuple[int, int, int, int]:
+    """Grow ``box`` to multiples of ``step`` (clamped), so every resolution level crops alike."""
+    x0, y0, x1, y1 = box
+    return ((x0 // step) * step, (y0 // step) * step,
+            min(shape[1], -(-x1 // step) * step), min(shape[0], -(-y1 // step) * step))
+
+
+def _checked_box(box: Sequence[int], shape: tuple[int, int],
+                 source: str) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if not (0 <= x0 < x1 <= shape[1] and 0 <= y0 < y1 <= shape[0]):
+        raise ImageReadError(source, f"crop box {tuple(box)} outside the {shape[0]}x{shape[1]} "
+                             "image", "crop")
+    return x0, y0, x1, y1
+
+
+def _upsample_mask(mask: np.ndarray, shape: tuple[int, int], grow: bool) -> np.ndarray:
+    """Float 0/1 mask at ``shape``; ``grow`` widens it by ~1% first so the cut lies in background."""
+    mask = mask.astype(np.uint8)
+    if grow:
+        side = max(3, round(0.01 * max(mask.shape))) | 1
+        mask = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side)))
+    resized = cv2.resize(mask.astype(np.float32), (shape[1], shape[0]),
+                         interpolation=cv2.INTER_LINEAR)
+    return (resized > 0.5).astype(np.float32)
 
 
 def _quantise(image: np.ndarray, bits: int) -> np.ndarray:
@@ -226,53 +292,61 @@ def _quantise(image: np.ndarray, bits: int) -> np.ndarray:
 
 
 def preprocess_image(path: PathLike, config: PreprocessConfig | None = None, *,
-                     view: str | None = None) -> ProcessedImage:
+                     view: str | None = None,
+                     crop_box: tuple[int, int, int, int] | None = None) -> ProcessedImage:
     """Preprocess one DICOM or image file into the output array plus provenance.
 
     ``view`` (e.g. from the metadata) decides whether pectoral masking
     applies when ``config.remove_pectoral`` is set; it defaults to the DICOM
     ViewPosition. Crop coordinates in the provenance are in original pixels,
-    before any flip. Raises :class:`ImageReadError` with the failing stage.
+    before any flip; ``crop_box`` (same convention, e.g. from an earlier
+    provenance) overrides the detected box. Raises :class:`ImageReadError`
+    with the failing stage.
     """
     config = config or PreprocessConfig()
     path = Path(path)
     source = str(path)
     decoded = _open(path, config)
     dicom = decoded.dicom
-    thumb = _thumbnail(decoded.display)
+    thumb_stored = _thumbnail(decoded.stored)
+    if dicom is not None:
+        values = rescale(thumb_stored, dicom.slope, dicom.intercept)
+        decoded.window = choose_window(dicom, values, config.window_index, config.percentiles)
+    thumb = decoded.display(thumb_stored)
     try:
         region: BreastRegion = locate_breast(thumb, config.crop_margin)
     except ValueError as error:
         raise ImageReadError(source, str(error), "crop") from error
-    full_shape = (dicom.rows, dicom.columns) if dicom else decoded.display.shape
-    box = _scale_box(region.box, thumb.shape, full_shape)
-    level = decoded.level
-    if decoded.levels:
-        level = choose_level(box[3] - box[1], box[2] - box[0], config, decoded.levels)
-    if level == decoded.level:
-        level_box = _scale_box(box, full_shape, decoded.display.shape)
-        crop = decoded.display[level_box[1] : level_box[3], level_box[0] : level_box[2]]
-    else:
-        stored = dicom.decode(level)
-        level_box = _scale_box(box, full_shape, stored.shape)
-        stored = stored[level_box[1] : level_box[3], level_box[0] : level_box[2]]
-        crop = decoded.window.apply(rescale(stored, dicom.slope, dicom.intercept), dicom)
+    full_shape = (dicom.rows, dicom.columns) if dicom else decoded.stored.shape
+    box = _align(_scale_box(region.box, thumb.shape, full_shape), full_shape, BOX_ALIGN)
+    if crop_box is not None:
+        box = _checked_box(crop_box, full_shape, source)
+        region = dataclasses.replace(region, box=_scale_box(box, full_shape, thumb.shape))
+    stored, level = decoded.stored, decoded.level
+    if level > 0:
+        needed = choose_level(box[3] - box[1], box[2] - box[0], config, decoded.levels)
+        if needed < level:  # a small breast: the crop needs a finer level than the image
+            stored, level = dicom.decode_best(needed)
+    level_box = _scale_box(box, full_shape, stored.shape)
+    crop = decoded.display(stored[level_box[1] : level_box[3], level_box[0] : level_box[2]])
     view = (dicom.view if dicom else "") if view is None else view
     flipped = region.chest_wall_right
     thumb_mask = region.mask[region.box[1] : region.box[3], region.box[0] : region.box[2]]
-    thumb_crop = thumb[region.box[1] : region.box[3], region.box[0] : region.box[2]]
-    if flipped:
-        crop, thumb_mask, thumb_crop = crop[:, ::-1], thumb_mask[:, ::-1], thumb_crop[:, ::-1]
     pectoral_removed = False
     if config.remove_pectoral and view.strip().upper() in MLO_VIEWS:
-        pectoral = pectoral_mask(thumb_crop, thumb_mask)
+        thumb_crop = thumb[region.box[1] : region.box[3], region.box[0] : region.box[2]]
+        mirror = (lambda a: a[:, ::-1]) if flipped else (lambda a: a)
+        pectoral = mirror(pectoral_mask(mirror(thumb_crop), mirror(thumb_mask)))
         pectoral_removed = bool(pectoral.any())
         thumb_mask = thumb_mask & ~pectoral
     if config.mask_background or pectoral_removed:
-        keep = cv2.resize(thumb_mask.astype(np.uint8), (crop.shape[1], crop.shape[0]),
-                          interpolation=cv2.INTER_NEAREST).astype(bool)
-        crop = np.where(keep, crop, np.float32(0.0))
-    output = _quantise(_resize(np.ascontiguousarray(crop, dtype=np.float32), config), config.bits)
+        crop = crop * _upsample_mask(thumb_mask, crop.shape, grow=not pectoral_removed)
+    full_size = (box[3] - box[1], box[2] - box[0])
+    shape = _output_shape(*full_size, config)
+    resampled = _resample(np.ascontiguousarray(crop, dtype=np.float32), level, full_size, shape)
+    if flipped:
+        resampled = resampled[:, ::-1]
+    output = _quantise(_place(resampled, config), config.bits)
     window = decoded.window
     provenance = {
         "source_file": source,
