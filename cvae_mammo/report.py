@@ -78,8 +78,9 @@ class LevelScores:
 def level_scores(run: RunScores, level: str) -> LevelScores:
     """A run's scores at ``image`` level, or pooled per breast with its calibration's rule.
 
-    A threshold calibrated at the other level is reused as is: it is on the same
-    scale for ``mean`` and ``max`` pooling (``threshold_source`` says so).
+    A threshold calibrated at the other level is reused as is: it stays on the
+    score's scale for ``mean`` and ``max`` pooling, not for ``soft-or``
+    (``threshold_source`` says which).
     """
     calibration = run.calibration
     aggregation = None
@@ -98,8 +99,10 @@ def level_scores(run: RunScores, level: str) -> LevelScores:
         threshold, source, normalised = None, "none (no threshold.json)", None
     else:
         threshold = calibration.value
-        source = (f"{calibration.method_used} at {calibration.level} level"
-                  + ("" if calibration.level == level else ", reused"))
+        source = f"{calibration.method_used} at {calibration.level} level"
+        if calibration.level != level:
+            source += (", reused; soft-or pooling changes the score scale"
+                       if calibration.aggregation == "soft-or" else ", reused")
         normalised = calibration.normalise(rows["score"].to_numpy(dtype=float))
     return LevelScores(
         ids=rows["id"].astype(str).to_numpy(), groups=rows["patient_id"].astype(str).to_numpy(),
@@ -150,7 +153,7 @@ def _png(figure: Figure) -> bytes:
 def _grid(n: int, width: float = 4.2, height: float = 3.4) -> tuple[Figure, list[Any]]:
     columns = min(n, 3)
     rows = math.ceil(n / columns)
-    figure = Figure(figsize=(width * columns, height * rows))
+    figure = Figure(figsize=(width * columns, height * rows), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).ravel().tolist()
     for axis in axes[n:]:
         axis.set_visible(False)
@@ -223,7 +226,7 @@ def pr_figure(runs: Sequence[tuple[str, LevelScores, dict[str, Any]]], level: st
 
 def f1_figure(runs: Sequence[tuple[str, LevelScores, dict[str, Any]]], level: str) -> bytes:
     """F1, sensitivity and specificity against the threshold, one panel per run."""
-    figure, axes = _grid(len(runs))
+    figure, axes = _grid(len(runs), height=4.3)
     for axis, (name, data, result) in zip(axes, runs):
         sweep = metrics.threshold_sweep(data.labels, data.scores)
         x = sweep.thresholds[1:]  # drop the cut above the highest score
@@ -237,7 +240,7 @@ def f1_figure(runs: Sequence[tuple[str, LevelScores, dict[str, Any]]], level: st
             axis.axvline(data.threshold, color="#2ca02c", linewidth=2,
                          label=f"calibrated t={data.threshold:.3g}, F1 {f1_here:.3f}")
         axis.set(xlabel="threshold (raw score)", ylim=(0, 1.02), title=f"{name} ({level})")
-        axis.legend(fontsize=7.5, loc="best")
+        axis.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
         axis.grid(alpha=0.3)
     figure.suptitle(f"F1 against the threshold, {level} level", fontsize=11)
     return _png(figure)
@@ -317,7 +320,7 @@ def examples_figure(name: str, data: LevelScores, maps_dir: Path, per_row: int =
              for kind, chosen in cases.items()}
     if not any(path for chosen in found.values() for _, _, path in chosen):
         return None
-    figure = Figure(figsize=(2.6 * per_row, 3.3 * len(found)))
+    figure = Figure(figsize=(2.6 * per_row, 3.3 * len(found)), layout="constrained")
     axes = figure.subplots(len(found), per_row, squeeze=False)
     for row, (kind, chosen) in enumerate(found.items()):
         for column in range(per_row):
@@ -398,6 +401,7 @@ th { background: #eee; }
 img { max-width: 100%; height: auto; display: block; margin: 0.8em 0; }
 .warning { color: #8a4b00; }
 figure { margin: 1em 0; } figcaption { font-size: 0.9em; color: #555; }
+.pair { display: flex; flex-wrap: wrap; gap: 1.5em; } .pair figure { flex: 1 1 420px; }
 """
 
 
@@ -435,7 +439,10 @@ def html_report(summary: dict[str, Any], figures: dict[str, bytes],
     for level in LEVELS:
         parts.append(f"<h2>{level.capitalize()} level</h2>")
         parts.append(_html_table(TABLE_COLUMNS, table_rows(summary["levels"][level])))
-        parts += [embedded(key) for key in figures if key.endswith(f"_{level}")]
+        parts.append('<div class="pair">' + embedded(f"roc_{level}") + embedded(f"pr_{level}")
+                     + "</div>")
+        parts += [embedded(key) for key in figures
+                  if key.endswith(f"_{level}") and key not in {f"roc_{level}", f"pr_{level}"}]
     examples = [key for key in figures if key.startswith("examples_")]
     if examples:
         parts.append("<h2>Example maps</h2>")
