@@ -1,0 +1,498 @@
+"""The supervised companion: a Keras transfer-learning classifier.
+
+A ``keras.applications`` backbone (ConvNeXt, EfficientNet, EfficientNetV2)
+under a small head: global pooling (average, max or GeM) -> dropout -> one
+sigmoid unit named ``label``. Optional auxiliary heads predict metadata
+targets (invasive, biopsy, BI-RADS, density, ...) with their own loss
+weights, and an optional tabular branch (age, view, laterality, implant)
+joins the pooled image features before the head.
+
+Input scale is part of the model: it takes grayscale images in [0, 1]
+(exactly what the data pipeline yields) and the first layer,
+:class:`BackboneInput`, repeats them to three channels and multiplies by
+255, the range Keras EfficientNet/ConvNeXt expect because they include
+their own ImageNet rescaling. Training and inference therefore cannot feed
+different scales; :func:`predict_proba` also refuses images outside [0, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import pandas as pd
+from keras import ops
+
+from cvae_mammo.config import ConfigBase
+
+#: Backbone name -> family. Every name is a ``keras.applications`` constructor.
+BACKBONES: dict[str, str] = {
+    "ConvNeXtTiny": "convnext",
+    "ConvNeXtSmall": "convnext",
+    "EfficientNetB0": "efficientnet",
+    "EfficientNetB1": "efficientnet",
+    "EfficientNetB2": "efficientnet",
+    "EfficientNetB3": "efficientnet",
+    "EfficientNetB4": "efficientnet",
+    "EfficientNetV2B0": "efficientnetv2",
+    "EfficientNetV2B1": "efficientnetv2",
+    "EfficientNetV2B2": "efficientnetv2",
+    "EfficientNetV2B3": "efficientnetv2",
+    "EfficientNetV2S": "efficientnetv2",
+}
+
+#: Auxiliary target -> number of classes (1 = binary, sigmoid; >1 = softmax).
+AUX_TARGETS: dict[str, int] = {
+    "invasive": 1,
+    "difficult_negative_case": 1,
+    "biopsy": 1,
+    "BIRADS": 3,
+    "density": 4,
+    "view": 1,
+    "laterality": 1,
+}
+
+#: Tabular feature -> number of columns it encodes to (see :func:`encode_tabular`).
+TABULAR_FEATURES: dict[str, int] = {"age": 2, "view": 2, "laterality": 2, "implant": 1}
+
+POOLINGS = ("avg", "max", "gem")
+LOSSES = ("focal", "bce")
+
+
+@dataclasses.dataclass
+class ClassifierConfig(ConfigBase):
+    """Everything needed to rebuild, train and apply the classifier.
+
+    Model: ``backbone``, ``weights`` ("imagenet", a local weights file or
+    None), ``image_size`` (height, width), ``pooling``, ``dropout``,
+    ``aux_targets`` (target -> loss weight), ``tabular_features``.
+    Loss: ``loss`` ("focal" or "bce"), focal ``focal_alpha`` /
+    ``focal_gamma`` / ``label_smoothing``; ``pos_weight`` weighs positives in
+    BCE. Training: the remaining fields (used by ``train_classifier``).
+    """
+
+    model_type: str = "classifier"
+    backbone: str = "EfficientNetB0"
+    weights: str | None = "imagenet"
+    image_size: tuple[int, int] = (512, 256)
+    pooling: str = "gem"
+    gem_p: float = 3.0
+    dropout: float = 0.3
+    aux_targets: dict[str, float] = dataclasses.field(default_factory=dict)
+    tabular_features: tuple[str, ...] = ()
+    tabular_units: int = 16
+    loss: str = "focal"
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    label_smoothing: float = 0.0
+    pos_weight: float = 1.0
+    # training
+    epochs: int = 10
+    batch_size: int = 8
+    learning_rate: float = 3e-4
+    weight_decay: float = 1e-4
+    clipnorm: float = 1.0
+    warmup_epochs: float = 1.0
+    freeze_epochs: int = 1
+    unfreeze_from: str | None = None
+    freeze_batchnorm: bool = True
+    positive_fraction: float | None = 0.25
+    augment: str | None = "classifier"
+    precision: str = "float32"
+    monitor: str = "auc"
+    patience: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        """Validate choices so a bad config fails before any model is built."""
+        self.image_size = tuple(int(v) for v in self.image_size)
+        self.tabular_features = tuple(self.tabular_features)
+        if self.weights in ("none", "None", ""):
+            self.weights = None
+        checks = [
+            (self.backbone in BACKBONES, f"backbone {self.backbone!r}; known: {', '.join(BACKBONES)}"),
+            (self.pooling in POOLINGS, f"pooling {self.pooling!r}; known: {', '.join(POOLINGS)}"),
+            (self.loss in LOSSES, f"loss {self.loss!r}; known: {', '.join(LOSSES)}"),
+            (self.precision in ("float32", "mixed"), f"precision {self.precision!r}: float32 or mixed"),
+            (self.monitor in ("auc", "pf1"), f"monitor {self.monitor!r}: auc or pf1"),
+            (0.0 <= self.dropout < 1.0, f"dropout {self.dropout}: must be in [0, 1)"),
+        ]
+        unknown_aux = sorted(set(self.aux_targets) - set(AUX_TARGETS))
+        checks.append((not unknown_aux, f"aux target(s) {unknown_aux}; known: {', '.join(AUX_TARGETS)}"))
+        unknown_tab = sorted(set(self.tabular_features) - set(TABULAR_FEATURES))
+        checks.append(
+            (not unknown_tab, f"tabular feature(s) {unknown_tab}; known: {', '.join(TABULAR_FEATURES)}")
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"ClassifierConfig: unknown or invalid {message}")
+
+    @property
+    def tabular_width(self) -> int:
+        """Number of columns :func:`encode_tabular` produces for this config."""
+        return sum(TABULAR_FEATURES[name] for name in self.tabular_features)
+
+
+@keras.saving.register_keras_serializable(package="cvae_mammo")
+class BackboneInput(keras.layers.Layer):
+    """Grayscale [0, 1] -> three channels in [0, scale] (255 for Keras applications)."""
+
+    def __init__(self, scale: float = 255.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.scale = float(scale)
+
+    def call(self, images: Any) -> Any:
+        """Repeat the single channel three times and rescale."""
+        return ops.repeat(images, 3, axis=-1) * ops.cast(self.scale, images.dtype)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        """Same shape with three channels."""
+        return (*input_shape[:-1], 3)
+
+    def get_config(self) -> dict[str, Any]:
+        """Serialisable configuration."""
+        return {**super().get_config(), "scale": self.scale}
+
+
+@keras.saving.register_keras_serializable(package="cvae_mammo")
+class GeMPooling(keras.layers.Layer):
+    """Generalised-mean pooling over height and width with a learnable exponent ``p``."""
+
+    def __init__(self, p: float = 3.0, epsilon: float = 1e-6, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.initial_p = float(p)
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape: tuple) -> None:
+        """Create the exponent."""
+        self.p = self.add_weight(
+            name="p", shape=(), initializer=keras.initializers.Constant(self.initial_p)
+        )
+
+    def call(self, features: Any) -> Any:
+        """``mean(max(x, eps) ** p) ** (1 / p)`` over the spatial axes."""
+        p = ops.cast(self.p, features.dtype)
+        clipped = ops.maximum(features, ops.cast(self.epsilon, features.dtype))
+        return ops.power(ops.mean(ops.power(clipped, p), axis=(1, 2)), 1.0 / p)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        """``(batch, channels)``."""
+        return (input_shape[0], input_shape[-1])
+
+    def get_config(self) -> dict[str, Any]:
+        """Serialisable configuration."""
+        return {**super().get_config(), "p": self.initial_p, "epsilon": self.epsilon}
+
+
+@keras.saving.register_keras_serializable(package="cvae_mammo")
+class ProbabilisticF1(keras.metrics.Metric):
+    """RSNA probabilistic F1: pTP = sum of p on positives, pFP = on negatives.
+
+    precision = pTP / (pTP + pFP), recall = pTP / number of positives.
+    """
+
+    def __init__(self, name: str = "pf1", **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+        self.p_tp = self.add_variable(shape=(), initializer="zeros", name="p_tp")
+        self.p_fp = self.add_variable(shape=(), initializer="zeros", name="p_fp")
+        self.positives = self.add_variable(shape=(), initializer="zeros", name="positives")
+
+    def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
+        """Accumulate the probability mass on positives and negatives."""
+        y_true = ops.reshape(ops.cast(y_true, "float32"), (-1,))
+        y_pred = ops.reshape(ops.cast(y_pred, "float32"), (-1,))
+        self.p_tp.assign_add(ops.sum(y_pred * y_true))
+        self.p_fp.assign_add(ops.sum(y_pred * (1.0 - y_true)))
+        self.positives.assign_add(ops.sum(y_true))
+
+    def result(self) -> Any:
+        """pF1 so far (0 when nothing was predicted or no positive was seen)."""
+        eps = keras.config.epsilon()
+        precision = self.p_tp / ops.maximum(self.p_tp + self.p_fp, eps)
+        recall = self.p_tp / ops.maximum(self.positives, eps)
+        return 2.0 * precision * recall / ops.maximum(precision + recall, eps)
+
+    def reset_state(self) -> None:
+        """Start a new epoch."""
+        for variable in (self.p_tp, self.p_fp, self.positives):
+            variable.assign(0.0)
+
+
+@keras.saving.register_keras_serializable(package="cvae_mammo")
+class WeightedBinaryCrossentropy(keras.losses.Loss):
+    """Binary cross-entropy with positives weighted by ``pos_weight`` (class weighting)."""
+
+    def __init__(
+        self, pos_weight: float = 1.0, label_smoothing: float = 0.0, name: str = "weighted_bce",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(name=name, **kwargs)
+        self.pos_weight = float(pos_weight)
+        self.label_smoothing = float(label_smoothing)
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        """Per-sample BCE times ``pos_weight`` where the label is positive."""
+        y_true = ops.cast(y_true, y_pred.dtype)
+        bce = keras.losses.binary_crossentropy(
+            y_true, y_pred, label_smoothing=self.label_smoothing
+        )
+        weights = 1.0 + (self.pos_weight - 1.0) * ops.squeeze(y_true, axis=-1)
+        return bce * weights
+
+    def get_config(self) -> dict[str, Any]:
+        """Serialisable configuration."""
+        return {
+            **super().get_config(),
+            "pos_weight": self.pos_weight,
+            "label_smoothing": self.label_smoothing,
+        }
+
+
+@keras.saving.register_keras_serializable(package="cvae_mammo")
+class MaskedAuxiliaryLoss(keras.losses.Loss):
+    """Loss of an auxiliary head that ignores missing targets (encoded as -1).
+
+    ``classes == 1``: binary cross-entropy; otherwise sparse categorical
+    cross-entropy. The mean is over the samples whose target is known.
+    """
+
+    def __init__(self, classes: int = 1, name: str = "masked_aux", **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+        self.classes = int(classes)
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        """Per-sample loss, zero where the target is missing, rescaled to the known mean."""
+        y_true = ops.reshape(ops.cast(y_true, "float32"), (-1,))
+        known = ops.cast(y_true >= 0, "float32")
+        safe = ops.maximum(y_true, 0.0)
+        y_pred = ops.cast(y_pred, "float32")
+        if self.classes == 1:
+            per_sample = keras.losses.binary_crossentropy(ops.expand_dims(safe, -1), y_pred)
+        else:
+            per_sample = keras.losses.sparse_categorical_crossentropy(ops.cast(safe, "int32"), y_pred)
+        batch = ops.cast(ops.shape(y_true)[0], "float32")
+        return per_sample * known * batch / ops.maximum(ops.sum(known), 1.0)
+
+    def get_config(self) -> dict[str, Any]:
+        """Serialisable configuration."""
+        return {**super().get_config(), "classes": self.classes}
+
+
+def build_backbone(
+    name: str, input_shape: tuple[int, int, int], weights: str | None = None
+) -> keras.Model:
+    """A headless ``keras.applications`` backbone that expects 0-255 RGB input.
+
+    ``weights`` is "imagenet" (downloaded by Keras), the path of a local
+    weights file saved from the same backbone, or None (random).
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
+    constructor = getattr(keras.applications, name)
+    kwargs: dict[str, Any] = {"include_top": False, "weights": None, "input_shape": input_shape}
+    if BACKBONES[name] != "efficientnet":  # v1 EfficientNet always includes its rescaling
+        kwargs["include_preprocessing"] = True
+    if weights == "imagenet":
+        return constructor(**{**kwargs, "weights": "imagenet"})
+    backbone = constructor(**kwargs)
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"{weights}: backbone weights file not found")
+        try:
+            backbone.load_weights(weights)
+        except (ValueError, KeyError) as error:
+            raise ValueError(f"{weights}: cannot load into {name} ({error})") from error
+    return backbone
+
+
+def build_classifier(config: ClassifierConfig) -> keras.Model:
+    """Build the classifier for ``config``.
+
+    Inputs: ``{"image": [B, H, W, 1] in [0, 1]}`` plus ``"tabular": [B, F]``
+    when ``config.tabular_features`` is set. Outputs: a dict with ``"label"``
+    (probability of the positive class) and one entry per auxiliary target.
+    """
+    height, width = config.image_size
+    image = keras.Input((height, width, 1), name="image")
+    inputs: dict[str, Any] = {"image": image}
+    scaled = BackboneInput(name="backbone_input")(image)
+    backbone = build_backbone(config.backbone, (height, width, 3), config.weights)
+    features = backbone(scaled)
+    if config.pooling == "gem":
+        pooled = GeMPooling(p=config.gem_p, name="gem_pool")(features)
+    elif config.pooling == "max":
+        pooled = keras.layers.GlobalMaxPooling2D(name="max_pool")(features)
+    else:
+        pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(features)
+    if config.tabular_features:
+        tabular = keras.Input((config.tabular_width,), name="tabular")
+        inputs["tabular"] = tabular
+        branch = keras.layers.Dense(config.tabular_units, activation="relu", name="tabular_dense")(
+            tabular
+        )
+        pooled = keras.layers.Concatenate(name="join_tabular")([pooled, branch])
+    hidden = keras.layers.Dropout(config.dropout, name="head_dropout")(pooled)
+    outputs = {
+        "label": keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="label")(hidden)
+    }
+    for target in config.aux_targets:
+        classes = AUX_TARGETS[target]
+        outputs[target] = keras.layers.Dense(
+            classes,
+            activation="sigmoid" if classes == 1 else "softmax",
+            dtype="float32",
+            name=target,
+        )(hidden)
+    return keras.Model(inputs, outputs, name=f"classifier_{config.backbone.lower()}")
+
+
+def backbone_of(model: keras.Model) -> keras.Model:
+    """The nested backbone model inside a classifier."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            return layer
+    raise ValueError(f"{model.name}: no nested backbone model found")
+
+
+def set_backbone_trainable(
+    model: keras.Model, trainable: bool, from_layer: str | None = None, freeze_batchnorm: bool = True
+) -> int:
+    """Freeze or unfreeze the backbone; returns the number of trainable backbone layers.
+
+    With ``from_layer`` only the layers from the first one whose name starts
+    with it (e.g. "block6a" for EfficientNet, "convnext_tiny_stage_3") are
+    unfrozen. With ``freeze_batchnorm`` batch-norm layers stay frozen (in
+    inference mode), the usual choice for fine-tuning with small batches.
+    Recompile the model after calling this.
+    """
+    backbone = backbone_of(model)
+    backbone.trainable = True
+    names = [layer.name for layer in backbone.layers]
+    start = 0
+    if trainable and from_layer:
+        matches = [i for i, name in enumerate(names) if name.startswith(from_layer)]
+        if not matches:
+            raise ValueError(f"{backbone.name}: no layer name starts with {from_layer!r}")
+        start = matches[0]
+    count = 0
+    for index, layer in enumerate(backbone.layers):
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = bool(trainable and index >= start and not (freeze_batchnorm and is_bn))
+        count += int(layer.trainable and bool(layer.weights))
+    return count
+
+
+def classifier_losses(config: ClassifierConfig) -> tuple[dict[str, Any], dict[str, float]]:
+    """Losses and loss weights per output (``label`` first, then auxiliary targets)."""
+    if config.loss == "focal":
+        label_loss: keras.losses.Loss = keras.losses.BinaryFocalCrossentropy(
+            apply_class_balancing=True,
+            alpha=config.focal_alpha,
+            gamma=config.focal_gamma,
+            label_smoothing=config.label_smoothing,
+        )
+    else:
+        label_loss = WeightedBinaryCrossentropy(
+            pos_weight=config.pos_weight, label_smoothing=config.label_smoothing
+        )
+    losses: dict[str, Any] = {"label": label_loss}
+    weights = {"label": 1.0}
+    for target, weight in config.aux_targets.items():
+        losses[target] = MaskedAuxiliaryLoss(classes=AUX_TARGETS[target], name=f"{target}_loss")
+        weights[target] = float(weight)
+    return losses, weights
+
+
+def compile_classifier(
+    model: keras.Model, config: ClassifierConfig, optimizer: Any, run_eagerly: bool = False
+) -> None:
+    """Compile with the configured losses and ROC-AUC + pF1 metrics on ``label``."""
+    losses, loss_weights = classifier_losses(config)
+    metrics: dict[str, list[Any]] = {
+        "label": [keras.metrics.AUC(name="auc"), ProbabilisticF1(name="pf1")]
+    }
+    model.compile(
+        optimizer=optimizer,
+        loss=losses,
+        loss_weights=loss_weights,
+        metrics=metrics,
+        run_eagerly=run_eagerly,
+        jit_compile=False,
+    )
+
+
+def _column(frame: pd.DataFrame, name: str) -> pd.Series:
+    """A metadata column matched case-insensitively (blank when absent)."""
+    for column in frame.columns:
+        if column.lower() == name.lower():
+            return frame[column]
+    return pd.Series([np.nan] * len(frame), index=frame.index)
+
+
+def encode_tabular(frame: pd.DataFrame, features: Sequence[str]) -> np.ndarray:
+    """Encode metadata columns into the tabular branch's float32 input ``[N, F]``.
+
+    age -> (age / 100, missing flag); view -> one-hot (CC, MLO); laterality
+    -> one-hot (L, R); implant -> 0/1. Missing values encode as zeros.
+    """
+    blocks = []
+    for name in features:
+        values = _column(frame, name)
+        if name == "age":
+            age = pd.to_numeric(values, errors="coerce")
+            blocks += [age.fillna(0.0).to_numpy() / 100.0, age.isna().to_numpy(dtype=float)]
+        elif name in ("view", "laterality"):
+            text = values.astype("string").str.strip().str.upper()
+            for level in ("CC", "MLO") if name == "view" else ("L", "R"):
+                blocks.append((text == level).fillna(False).to_numpy(dtype=float))
+        elif name == "implant":
+            blocks.append(pd.to_numeric(values, errors="coerce").fillna(0.0).clip(0, 1).to_numpy())
+        else:
+            raise ValueError(f"unknown tabular feature {name!r}; known: {', '.join(TABULAR_FEATURES)}")
+    if not blocks:
+        return np.zeros((len(frame), 0), dtype=np.float32)
+    return np.stack(blocks, axis=1).astype(np.float32)
+
+
+def encode_aux_target(frame: pd.DataFrame, target: str) -> np.ndarray:
+    """Encode one auxiliary target as float32 ``[N]`` (class index or 0/1; -1 = missing).
+
+    BIRADS 0/1/2 -> 0/1/2; density A-D -> 0-3; view MLO -> 1, CC -> 0;
+    laterality R -> 1, L -> 0; binary columns 0/1.
+    """
+    values = _column(frame, target)
+    if target == "density":
+        codes = values.astype("string").str.strip().str.upper().map({"A": 0, "B": 1, "C": 2, "D": 3})
+    elif target == "view":
+        codes = values.astype("string").str.strip().str.upper().map({"CC": 0, "MLO": 1})
+    elif target == "laterality":
+        codes = values.astype("string").str.strip().str.upper().map({"L": 0, "R": 1})
+    elif target in AUX_TARGETS:
+        codes = pd.to_numeric(values, errors="coerce")
+        codes = codes.where(codes.between(0, max(AUX_TARGETS[target] - 1, 1)))
+    else:
+        raise ValueError(f"unknown auxiliary target {target!r}; known: {', '.join(AUX_TARGETS)}")
+    return pd.to_numeric(codes, errors="coerce").fillna(-1).to_numpy(dtype=np.float32)
+
+
+def predict_proba(model: keras.Model, inputs: Any, batch_size: int = 8) -> np.ndarray:
+    """Probability of the positive class for images in [0, 1] (``[N]`` float32).
+
+    ``inputs`` is an image array ``[N, H, W, 1]`` or a dict of model inputs.
+    Images outside [0, 1] are refused: they mean a caller scaled them to
+    0-255 itself, which the model already does internally.
+    """
+    images = inputs["image"] if isinstance(inputs, dict) else inputs
+    images = np.asarray(images)
+    if images.size and (images.min() < -1e-6 or images.max() > 1.0 + 1e-6):
+        raise ValueError(
+            f"images must be in [0, 1] (got {images.min():.3g}..{images.max():.3g}); "
+            "the classifier rescales to the backbone's 0-255 range itself"
+        )
+    feed = inputs if isinstance(inputs, dict) else {"image": images}
+    outputs = model.predict(feed, batch_size=batch_size, verbose=0)
+    return np.asarray(outputs["label"], dtype=np.float32).reshape(-1)
