@@ -140,3 +140,112 @@ def test_power_law_noise_spectrum_slope():
     high = power[(freq > 0.16) & (freq < 0.32)].mean()
     slope = np.log(low / high) / np.log(8.0)  # 8x the frequency ratio of the band centres
     assert 2.5 < slope < 3.5
+
+
+# --- the DICOM data set -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def phantom_set(tmp_path_factory):
+    from cvae_mammo.synthetic.dataset import make_phantom_dataset
+
+    out = tmp_path_factory.mktemp("phantoms")
+    return make_phantom_dataset(out, n_patients=8, positive_fraction=0.25, size=(192, 156),
+                                seed=4, progress=False)
+
+
+def _display(path):
+    """The display image of a DICOM as the pipeline's decoder sees it (first window)."""
+    from cvae_mammo.dicom import choose_window, read_dicom, rescale
+
+    image = read_dicom(path)
+    values = rescale(image.decode(), image.slope, image.intercept)
+    return image, choose_window(image, values).apply(values, image)
+
+
+@pytest.mark.parametrize("unit_index", range(4))
+def test_stored_values_read_back_as_the_display_image(tmp_path, unit_index):
+    from cvae_mammo.synthetic.dataset import UNITS, display_to_stored, unit_windows
+    from cvae_mammo.synthetic.dicom_writer import write_mammogram_dicom
+
+    unit = UNITS[unit_index]
+    display = np.tile(np.linspace(0.02, 0.98, 64, dtype=np.float32), (48, 1))
+    windows = unit_windows(unit, np.random.default_rng(0))
+    path = write_mammogram_dicom(
+        tmp_path / "ramp.dcm", display_to_stored(display, unit, windows[0]),
+        transfer_syntax=unit.transfer_syntax, photometric=unit.photometric, window=windows,
+        voi_function=unit.voi_function, slope=unit.slope, intercept=unit.intercept,
+        bits_stored=unit.bits_stored, jp2_header=unit.jp2_header,
+    )
+    image, back = _display(path)
+    assert image.photometric == unit.photometric and len(image.windows) == unit.n_windows
+    np.testing.assert_allclose(back, display, atol=0.004)
+
+
+def test_dataset_layout_and_rsna_metadata(phantom_set):
+    import pandas as pd
+
+    from cvae_mammo.synthetic.dataset import RSNA_COLUMNS
+
+    meta = pd.read_csv(phantom_set.metadata_csv)
+    assert tuple(meta.columns) == RSNA_COLUMNS
+    assert len(meta) == phantom_set.n_images == 32 and meta["image_id"].is_unique
+    assert (meta.groupby("patient_id").size() == 4).all()
+    assert set(zip(meta["laterality"], meta["view"])) == {
+        ("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")}
+    for row in meta.itertuples():
+        assert (phantom_set.dicom_dir / str(row.patient_id) / f"{row.image_id}.dcm").is_file()
+    # 2 of 8 women have cancer in exactly one breast, seen in both its views
+    positives = meta[meta["cancer"] == 1]
+    assert positives["patient_id"].nunique() == 2 and len(positives) == 4
+    assert (positives.groupby("patient_id")["laterality"].nunique() == 1).all()
+    assert (positives["biopsy"] == 1).all() and (positives["BIRADS"] == 0).all()
+    assert set(meta["machine_id"]) == {49, 48, 29, 21}
+    assert meta.groupby("patient_id")["machine_id"].nunique().max() == 1
+
+
+def test_dataset_dicoms_cover_the_real_variants(phantom_set):
+    import pydicom
+
+    seen = set()
+    for path in sorted(phantom_set.dicom_dir.rglob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        seen.add((ds.file_meta.TransferSyntaxUID, ds.PhotometricInterpretation,
+                  str(ds.get("VOILUTFunction", "LINEAR"))))
+        assert ds.Modality == "MG" and ds.PatientID == path.parent.name
+        assert "PatientName" not in ds
+    assert {uid for uid, _, _ in seen} == {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.70"}
+    assert {p for _, p, _ in seen} == {"MONOCHROME1", "MONOCHROME2"}
+    assert {f for _, _, f in seen} == {"SIGMOID", "LINEAR"}
+
+
+def test_lesion_masks_mark_bright_areas_of_the_decoded_images(phantom_set):
+    import pandas as pd
+
+    from cvae_mammo.imageio import read_grayscale
+
+    meta = pd.read_csv(phantom_set.metadata_csv)
+    lesions = pd.read_csv(phantom_set.lesions_csv)
+    assert sorted(lesions["image_id"]) == sorted(meta.loc[meta["cancer"] == 1, "image_id"])
+    for row in lesions.itertuples():
+        path = phantom_set.dicom_dir / str(row.patient_id) / f"{row.image_id}.dcm"
+        _, display = _display(path)
+        mask = read_grayscale(phantom_set.root / row.mask_path) > 127
+        assert mask.shape == display.shape
+        rows, cols = np.nonzero(mask)
+        assert (row.bbox_row0, row.bbox_col0) == (rows.min(), cols.min())
+        ring = cv2.dilate(mask.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool) & ~mask
+        ring &= display > 0.2  # breast only
+        assert display[mask].max() > display[ring].mean() + 0.15
+
+
+def test_dataset_is_reproducible(phantom_set, tmp_path):
+    from cvae_mammo.synthetic.dataset import make_phantom_dataset
+
+    again = make_phantom_dataset(tmp_path, n_patients=8, positive_fraction=0.25,
+                                 size=(192, 156), seed=4, progress=False)
+    assert again.metadata_csv.read_text() == phantom_set.metadata_csv.read_text()
+    first = sorted(phantom_set.dicom_dir.rglob("*.dcm"))[0]
+    _, a = _display(first)
+    _, b = _display(again.dicom_dir / first.relative_to(phantom_set.dicom_dir))
+    np.testing.assert_array_equal(a, b)

@@ -202,7 +202,8 @@ def _place(
     rng: np.random.Generator, allowed: np.ndarray, radius: float
 ) -> tuple[float, float]:
     """A random point of ``allowed`` at least ``radius`` away from its border."""
-    inner = cv2.distanceTransform(allowed.astype(np.uint8), cv2.DIST_L2, 5) > radius
+    padded = np.pad(allowed.astype(np.uint8), 1)  # keep lesions off the image edges too
+    inner = cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1] > radius
     candidates = np.argwhere(inner if inner.any() else allowed)
     row, col = candidates[rng.integers(len(candidates))]
     return float(row), float(col)
