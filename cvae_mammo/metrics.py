@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 ArrayLike = Sequence[float] | np.ndarray
 
@@ -247,6 +247,38 @@ def _percentile_interval(values: list[float], confidence: float) -> tuple[float,
     return float(low), float(high)
 
 
+class _RocCounter:
+    """ROC points of one score set under any row weights, sorting the scores only once."""
+
+    def __init__(self, y: np.ndarray, s: np.ndarray) -> None:
+        distinct, inverse = np.unique(s, return_inverse=True)
+        self._inverse = distinct.size - 1 - inverse  # rank 0 = highest score
+        self._size = distinct.size
+        self._y = y.astype(float)
+
+    def curve(self, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(FPR, TPR) from (0, 0) through every distinct score, highest first."""
+        w = np.ones(self._y.size) if weights is None else weights
+        positives = np.bincount(self._inverse, weights=w * self._y, minlength=self._size)
+        negatives = np.bincount(self._inverse, weights=w * (1.0 - self._y), minlength=self._size)
+        tpr = np.concatenate([[0.0], np.cumsum(positives)]) / positives.sum()
+        fpr = np.concatenate([[0.0], np.cumsum(negatives)]) / negatives.sum()
+        return fpr, tpr
+
+
+def roc_points(labels: ArrayLike, scores: ArrayLike,
+               weights: ArrayLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) at every distinct score (ties form one diagonal step), optionally weighted."""
+    y = _as_labels(labels)
+    s = _as_scores(scores, y.size)
+    _check_both_classes(y, "ROC")
+    return _RocCounter(y, s).curve(None if weights is None else np.asarray(weights, float))
+
+
+def _area(fpr: np.ndarray, tpr: np.ndarray) -> float:
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+
+
 @dataclasses.dataclass(frozen=True)
 class RocBand:
     """ROC-AUC with its bootstrap interval and a pointwise TPR band on a fixed FPR grid."""
@@ -265,15 +297,16 @@ def roc_with_ci(labels: ArrayLike, scores: ArrayLike, groups: ArrayLike | None =
                 grid_size: int = 101) -> RocBand:
     """ROC-AUC with a patient-level bootstrap percentile CI, and the ROC curve's CI band.
 
+    The band is pointwise: the TPR percentiles at each FPR of a fixed grid.
     Resamples that miss a class are skipped (``n_bootstrap_used`` says how many counted).
     """
     y = _as_labels(labels)
     s = _as_scores(scores, y.size)
     _check_both_classes(y, "ROC-AUC")
     grid = np.linspace(0.0, 1.0, grid_size)
+    counter = _RocCounter(y, s)
 
-    def curve(weights: np.ndarray | None) -> np.ndarray:
-        fpr, tpr, _ = roc_curve(y, s, sample_weight=weights)
+    def on_grid(fpr: np.ndarray, tpr: np.ndarray) -> np.ndarray:
         values = np.interp(grid, fpr, tpr)
         values[0] = 0.0
         return values
@@ -283,15 +316,17 @@ def roc_with_ci(labels: ArrayLike, scores: ArrayLike, groups: ArrayLike | None =
     for weights in group_bootstrap_weights(groups, y.size, n_bootstrap, seed):
         if weights[y].sum() == 0 or weights[~y].sum() == 0:
             continue
-        aucs.append(float(roc_auc_score(y, s, sample_weight=weights)))
-        curves.append(curve(weights))
+        fpr, tpr = counter.curve(weights)
+        aucs.append(_area(fpr, tpr))
+        curves.append(on_grid(fpr, tpr))
     tail = (1.0 - confidence) / 2.0 * 100.0
     if curves:
         low, high = np.percentile(np.stack(curves), [tail, 100.0 - tail], axis=0)
     else:
         low = high = np.full(grid.shape, np.nan)
-    return RocBand(roc_auc(y, s), _percentile_interval(aucs, confidence), grid, curve(None),
-                   low, high, len(aucs))
+    fpr, tpr = counter.curve()
+    return RocBand(roc_auc(y, s), _percentile_interval(aucs, confidence), grid,
+                   on_grid(fpr, tpr), low, high, len(aucs))
 
 
 def operating_point_ci(labels: ArrayLike, scores: ArrayLike, threshold: float,

@@ -154,3 +154,16 @@ def test_operating_point_ci():
     assert low <= 0.9 <= high and high <= 1.0
     low, high = result["specificity_ci"]
     assert low < result["specificity"] < high
+
+
+def test_weighted_roc_points_match_sklearn(scored):
+    labels, scores = scored
+    weights = np.random.default_rng(4).integers(0, 3, labels.size).astype(float)
+    fpr, tpr = metrics.roc_points(labels, scores, weights)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(
+        skm.roc_auc_score(labels, scores, sample_weight=weights))
+    sk_fpr, sk_tpr, _ = skm.roc_curve(labels, scores, drop_intermediate=False)
+    fpr, tpr = metrics.roc_points(labels, scores)
+    assert np.allclose(fpr, sk_fpr) and np.allclose(tpr, sk_tpr)
