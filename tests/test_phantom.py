@@ -249,3 +249,14 @@ def test_dataset_is_reproducible(phantom_set, tmp_path):
     _, a = _display(first)
     _, b = _display(again.dicom_dir / first.relative_to(phantom_set.dicom_dir))
     np.testing.assert_array_equal(a, b)
+
+
+def test_finished_set_is_reused_and_a_different_one_refused(phantom_set):
+    from cvae_mammo.synthetic.dataset import make_phantom_dataset
+
+    again = make_phantom_dataset(phantom_set.root, n_patients=8, positive_fraction=0.25,
+                                 size=(192, 156), seed=4, progress=False)
+    assert again == phantom_set
+    with pytest.raises(FileExistsError, match="dicom"):
+        make_phantom_dataset(phantom_set.root, n_patients=3, size=(192, 156), seed=4,
+                             progress=False)

@@ -26,13 +26,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from cvae_mammo.fileio import PathLike, atomic_write_csv, atomic_write_json, package_versions
+from cvae_mammo.fileio import (
+    PathLike,
+    atomic_write_csv,
+    atomic_write_json,
+    package_versions,
+    read_json,
+)
 from cvae_mammo.imageio import write_png
 from cvae_mammo.synthetic.phantom import LATERALITIES, VIEWS, make_phantom, sample_lesion_spec
 
@@ -183,11 +190,15 @@ def make_phantom_dataset(
     seed: int = 0,
     *,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> PhantomDataset:
     """Write ``n_patients`` women (4 DICOMs each) of phantom mammograms to ``out_dir``.
 
     ``positive_fraction`` of the women have cancer in one breast (both of its
     views positive); ``size`` is the detector (height, width) in pixels.
+    A finished set with the same options in ``out_dir`` is reused as it is;
+    a different one is an error unless ``overwrite`` (then its ``dicom/``
+    and ``masks/`` folders are replaced).
     """
     from cvae_mammo.synthetic.dicom_writer import write_mammogram_dicom
 
@@ -197,6 +208,17 @@ def make_phantom_dataset(
         raise ValueError(f"positive_fraction={positive_fraction}: expected 0-1")
     root = Path(out_dir)
     dicom_dir, masks_dir = root / "dicom", root / "masks"
+    options = {"n_patients": n_patients, "positive_fraction": positive_fraction,
+               "size": [int(size[0]), int(size[1])], "seed": seed}
+    done = _finished(root, options)
+    if done is not None:
+        return done
+    if dicom_dir.exists() and any(dicom_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{dicom_dir}: already holds another phantom set "
+                                  "(other options or unfinished); use overwrite or another folder")
+        for folder in (dicom_dir, masks_dir):
+            shutil.rmtree(folder, ignore_errors=True)
     rng = np.random.default_rng(seed)
     patients = _patient_table(rng, n_patients, positive_fraction)
     image_ids = 100_000_000 + rng.choice(2_000_000_000, size=4 * n_patients, replace=False)
@@ -247,15 +269,25 @@ def make_phantom_dataset(
     atomic_write_csv(root / "lesions.csv", lesions)
     n_positive_images = int(metadata["cancer"].sum())
     atomic_write_json(root / "phantoms.json", {
-        "n_patients": n_patients, "positive_fraction": positive_fraction,
-        "size": list(size), "seed": seed, "n_images": len(metadata),
-        "n_positive_images": n_positive_images,
+        **options, "n_images": len(metadata), "n_positive_images": n_positive_images,
         "units": [dataclasses.asdict(unit) for unit in UNITS],
         "versions": package_versions(("cvae_mammo", "numpy", "pydicom", "pylibjpeg",
                                       "pylibjpeg-openjpeg", "imagecodecs", "opencv-python-headless")),
     })
+    return _finished(root, options)  # type: ignore[return-value]
+
+
+def _finished(root: Path, options: dict[str, object]) -> PhantomDataset | None:
+    """The set in ``root`` when ``phantoms.json`` says it was finished with ``options``."""
+    record = root / "phantoms.json"
+    if not record.is_file():
+        return None
+    written = read_json(record)
+    if any(written.get(key) != value for key, value in options.items()):
+        return None
     return PhantomDataset(
-        root=root, dicom_dir=dicom_dir, metadata_csv=root / "train.csv",
-        lesions_csv=root / "lesions.csv", masks_dir=masks_dir, n_patients=n_patients,
-        n_images=len(metadata), n_positive_images=n_positive_images,
+        root=root, dicom_dir=root / "dicom", metadata_csv=root / "train.csv",
+        lesions_csv=root / "lesions.csv", masks_dir=root / "masks",
+        n_patients=int(written["n_patients"]), n_images=int(written["n_images"]),
+        n_positive_images=int(written["n_positive_images"]),
     )
