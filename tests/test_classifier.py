@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cvae_mammo.metadata import MetadataEncoder, normalise_metadata
 from cvae_mammo.models.classifier import (
     AUX_TARGETS,
     BACKBONES,
@@ -21,7 +22,6 @@ from cvae_mammo.models.classifier import (
     classifier_losses,
     compile_classifier,
     encode_aux_target,
-    encode_tabular,
     predict_proba,
     set_backbone_trainable,
 )
@@ -127,35 +127,39 @@ def test_probabilistic_f1_matches_definition() -> None:
 
 
 def test_auxiliary_heads_and_tabular_branch() -> None:
+    frame = normalise_metadata(
+        pd.DataFrame(
+            {
+                "image_id": ["1", "2", "3", "4"],
+                "patient_id": ["a", "a", "b", "b"],
+                "age": [61.0, np.nan, 45.0, 70.0],
+                "view": ["CC", "MLO", "AT", "MLO"],
+                "laterality": ["L", "R", "R", "L"],
+                "implant": [0, 1, 0, 0],
+                "label": [0, 1, 0, 1],
+                "biopsy": [0, 1, np.nan, 1],
+                "density": ["A", "D", None, "C"],
+                "BIRADS": [0, 2, 1, np.nan],
+            }
+        )
+    )
+    encoder = MetadataEncoder(["age", "view", "laterality", "implant"]).fit(frame)
+    tabular = encoder.transform(frame)
     config = _config(
         aux_targets={"biopsy": 0.5, "density": 0.2, "BIRADS": 0.1},
-        tabular_features=("age", "view", "laterality", "implant"),
+        tabular_features=encoder.columns,
+        tabular_dim=encoder.dim,
         pooling="avg",
         dropout=0.0,
     )
     model = build_classifier(config)
     assert set(model.output) == {"label", "biopsy", "density", "BIRADS"}
     assert model.output["density"].shape[-1] == AUX_TARGETS["density"] == 4
-    frame = pd.DataFrame(
-        {
-            "age": [61.0, np.nan, 45.0, 70.0],
-            "view": ["CC", "MLO", "AT", "MLO"],
-            "laterality": ["L", "R", "R", ""],
-            "implant": [0, 1, 0, 0],
-            "biopsy": [0, 1, np.nan, 1],
-            "density": ["A", "D", None, "C"],
-            "BIRADS": [0, 2, 1, np.nan],
-        }
-    )
-    tabular = encode_tabular(frame, config.tabular_features)
-    np.testing.assert_allclose(
-        tabular[0], [0.61, 0, 1, 0, 1, 0, 0], atol=1e-6
-    )  # age/100, missing flag, CC, MLO, L, R, implant
-    np.testing.assert_allclose(tabular[1], [0, 1, 0, 1, 0, 1, 1])
-    np.testing.assert_allclose(tabular[2, 2:4], [0, 0])  # rare view AT -> no one-hot
+    assert model.input["tabular"].shape[-1] == tabular.shape[1]
     np.testing.assert_array_equal(encode_aux_target(frame, "density"), [0, 3, -1, 2])
     np.testing.assert_array_equal(encode_aux_target(frame, "biopsy"), [0, 1, -1, 1])
     np.testing.assert_array_equal(encode_aux_target(frame, "BIRADS"), [0, 2, 1, -1])
+    np.testing.assert_array_equal(encode_aux_target(frame, "laterality"), [0, 1, 1, 0])
 
     images = _images(4)
     out_a = model({"image": images, "tabular": tabular}, training=False)
@@ -168,6 +172,10 @@ def test_auxiliary_heads_and_tabular_branch() -> None:
     logs = model.train_on_batch({"image": images, "tabular": tabular}, targets, return_dict=True)
     assert {"biopsy_loss", "density_loss", "BIRADS_loss", "label_loss"} <= set(logs)
     assert all(np.isfinite(value) for value in logs.values())
+    with pytest.raises(ValueError, match="tabular_dim"):
+        build_classifier(_config(tabular_features=("age",)))
+    with pytest.raises(ValueError, match="tabular feature"):
+        _config(tabular_features=("biopsy",))  # an outcome as input would leak the label
 
 
 def test_masked_auxiliary_loss_ignores_missing_targets() -> None:
@@ -181,15 +189,17 @@ def test_masked_auxiliary_loss_ignores_missing_targets() -> None:
     assert value == pytest.approx(-np.log(0.8), rel=1e-5)
 
 
-def test_tabular_and_aux_encoding_on_real_rsna_metadata(rsna_train_csv) -> None:
-    frame = pd.read_csv(rsna_train_csv, nrows=3000)
-    tabular = encode_tabular(frame, ("age", "view", "laterality", "implant"))
-    assert tabular.shape == (len(frame), 7) and np.isfinite(tabular).all()
-    np.testing.assert_array_equal(tabular[:, 1], frame["age"].isna().to_numpy(dtype=float))
-    np.testing.assert_array_equal(tabular[:, 4] + tabular[:, 5], np.ones(len(frame)))  # L or R
+def test_aux_targets_on_real_rsna_metadata(rsna_train_csv) -> None:
+    frame = normalise_metadata(pd.read_csv(rsna_train_csv, nrows=3000))
     density = encode_aux_target(frame, "density")
     assert set(np.unique(density)) <= {-1, 0, 1, 2, 3}
-    assert (density == -1).sum() == frame["density"].isna().sum()
+    raw = pd.read_csv(rsna_train_csv, nrows=3000)
+    assert (density == -1).sum() == raw["density"].isna().sum()
+    birads = encode_aux_target(frame, "BIRADS")
+    assert (birads == -1).sum() == raw["BIRADS"].isna().sum()
+    np.testing.assert_array_equal(encode_aux_target(frame, "invasive"), raw["invasive"])
+    view = encode_aux_target(frame, "view")
+    np.testing.assert_array_equal(view == -1, ~raw["view"].isin(["CC", "MLO"]))
 
 
 def test_local_weights_file_loads_into_a_fresh_model(tmp_path) -> None:
@@ -212,7 +222,9 @@ def test_local_weights_file_loads_into_a_fresh_model(tmp_path) -> None:
 
 
 def test_saved_model_round_trips_with_custom_layers(tmp_path) -> None:
-    config = _config(pooling="gem", aux_targets={"invasive": 0.3}, tabular_features=("age",))
+    config = _config(
+        pooling="gem", aux_targets={"invasive": 0.3}, tabular_features=("age",), tabular_dim=2
+    )
     model = build_classifier(config)
     compile_classifier(model, config, keras.optimizers.AdamW(1e-3))
     path = tmp_path / "model.keras"
@@ -239,7 +251,7 @@ def test_freeze_and_unfreeze_from_a_named_block() -> None:
 
 
 def test_config_round_trip_and_validation(tmp_path) -> None:
-    config = _config(aux_targets={"biopsy": 0.2}, tabular_features=("age", "implant"))
+    config = _config(aux_targets={"biopsy": 0.2}, tabular_features=("age", "implant"), tabular_dim=2)
     path = tmp_path / "config.json"
     config.save(path)
     assert ClassifierConfig.load(path) == config

@@ -18,7 +18,6 @@ different scales; :func:`predict_proba` also refuses images outside [0, 1].
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +55,10 @@ AUX_TARGETS: dict[str, int] = {
     "laterality": 1,
 }
 
-#: Tabular feature -> number of columns it encodes to (see :func:`encode_tabular`).
-TABULAR_FEATURES: dict[str, int] = {"age": 2, "view": 2, "laterality": 2, "implant": 1}
+#: Metadata columns the tabular branch may read (encoded by a train-fitted
+#: :class:`~cvae_mammo.metadata.MetadataEncoder`). Outcome columns such as
+#: biopsy or BIRADS are deliberately absent: as inputs they would leak the label.
+TABULAR_FEATURES: tuple[str, ...] = ("age", "view", "laterality", "implant")
 
 POOLINGS = ("avg", "max", "gem")
 LOSSES = ("focal", "bce")
@@ -69,10 +70,13 @@ class ClassifierConfig(ConfigBase):
 
     Model: ``backbone``, ``weights`` ("imagenet", a local weights file or
     None), ``image_size`` (height, width), ``pooling``, ``dropout``,
-    ``aux_targets`` (target -> loss weight), ``tabular_features``.
+    ``aux_targets`` (target -> loss weight), ``tabular_features`` (metadata
+    columns) with ``tabular_dim`` (their encoded width, set by training).
     Loss: ``loss`` ("focal" or "bce"), focal ``focal_alpha`` /
     ``focal_gamma`` / ``label_smoothing``; ``pos_weight`` weighs positives in
-    BCE. Training: the remaining fields (used by ``train_classifier``).
+    BCE. Training: the remaining fields (used by :mod:`cvae_mammo.train_classifier`);
+    ``unfreeze_from`` names the first backbone layer to fine-tune (None = all),
+    ``monitor`` is "auc" or "pf1" on the validation split.
     """
 
     model_type: str = "classifier"
@@ -84,6 +88,7 @@ class ClassifierConfig(ConfigBase):
     dropout: float = 0.3
     aux_targets: dict[str, float] = dataclasses.field(default_factory=dict)
     tabular_features: tuple[str, ...] = ()
+    tabular_dim: int = 0
     tabular_units: int = 16
     loss: str = "focal"
     focal_alpha: float = 0.25
@@ -130,11 +135,6 @@ class ClassifierConfig(ConfigBase):
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"ClassifierConfig: unknown or invalid {message}")
-
-    @property
-    def tabular_width(self) -> int:
-        """Number of columns :func:`encode_tabular` produces for this config."""
-        return sum(TABULAR_FEATURES[name] for name in self.tabular_features)
 
 
 @keras.saving.register_keras_serializable(package="cvae_mammo")
@@ -313,7 +313,8 @@ def build_classifier(config: ClassifierConfig) -> keras.Model:
     """Build the classifier for ``config``.
 
     Inputs: ``{"image": [B, H, W, 1] in [0, 1]}`` plus ``"tabular": [B, F]``
-    when ``config.tabular_features`` is set. Outputs: a dict with ``"label"``
+    (the encoded metadata, ``config.tabular_dim`` wide) when
+    ``config.tabular_features`` is set. Outputs: a dict with ``"label"``
     (probability of the positive class) and one entry per auxiliary target.
     """
     height, width = config.image_size
@@ -323,13 +324,16 @@ def build_classifier(config: ClassifierConfig) -> keras.Model:
     backbone = build_backbone(config.backbone, (height, width, 3), config.weights)
     features = backbone(scaled)
     if config.pooling == "gem":
-        pooled = GeMPooling(p=config.gem_p, name="gem_pool")(features)
+        pooled = GeMPooling(p=config.gem_p, dtype="float32", name="gem_pool")(features)
     elif config.pooling == "max":
         pooled = keras.layers.GlobalMaxPooling2D(name="max_pool")(features)
     else:
         pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(features)
     if config.tabular_features:
-        tabular = keras.Input((config.tabular_width,), name="tabular")
+        if config.tabular_dim < 1:
+            raise ValueError("ClassifierConfig: tabular_features need tabular_dim >= 1 "
+                             "(the width of the fitted metadata encoder)")
+        tabular = keras.Input((config.tabular_dim,), name="tabular")
         inputs["tabular"] = tabular
         branch = keras.layers.Dense(config.tabular_units, activation="relu", name="tabular_dense")(
             tabular
@@ -431,31 +435,6 @@ def _column(frame: pd.DataFrame, name: str) -> pd.Series:
         if column.lower() == name.lower():
             return frame[column]
     return pd.Series([np.nan] * len(frame), index=frame.index)
-
-
-def encode_tabular(frame: pd.DataFrame, features: Sequence[str]) -> np.ndarray:
-    """Encode metadata columns into the tabular branch's float32 input ``[N, F]``.
-
-    age -> (age / 100, missing flag); view -> one-hot (CC, MLO); laterality
-    -> one-hot (L, R); implant -> 0/1. Missing values encode as zeros.
-    """
-    blocks = []
-    for name in features:
-        values = _column(frame, name)
-        if name == "age":
-            age = pd.to_numeric(values, errors="coerce")
-            blocks += [age.fillna(0.0).to_numpy() / 100.0, age.isna().to_numpy(dtype=float)]
-        elif name in ("view", "laterality"):
-            text = values.astype("string").str.strip().str.upper()
-            for level in ("CC", "MLO") if name == "view" else ("L", "R"):
-                blocks.append((text == level).fillna(False).to_numpy(dtype=float))
-        elif name == "implant":
-            blocks.append(pd.to_numeric(values, errors="coerce").fillna(0.0).clip(0, 1).to_numpy())
-        else:
-            raise ValueError(f"unknown tabular feature {name!r}; known: {', '.join(TABULAR_FEATURES)}")
-    if not blocks:
-        return np.zeros((len(frame), 0), dtype=np.float32)
-    return np.stack(blocks, axis=1).astype(np.float32)
 
 
 def encode_aux_target(frame: pd.DataFrame, target: str) -> np.ndarray:
