@@ -53,7 +53,7 @@ def breast_mask(image: np.ndarray) -> np.ndarray:
     background = float(np.percentile(gray[::4, ::4], 2))
     level = max(background + 4.0, 0.5 * (background + float(otsu)))
     binary = (gray > level).astype(np.uint8)
-    side = max(3, round(0.015 * min(height, width))) | 1
+    side = max(3, round(0.03 * min(height, width))) | 1
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))
     opened = cv2.morphologyEx(binary, cv2.MORPH_OPEN, kernel)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
@@ -68,7 +68,9 @@ def breast_mask(image: np.ndarray) -> np.ndarray:
     mask = labels == best
     # Give back the rim the opening shaved off, but only where the image is bright.
     mask = cv2.dilate(mask.astype(np.uint8), kernel).astype(bool) & (binary > 0)
-    return ndimage.binary_fill_holes(mask)
+    mask = ndimage.binary_fill_holes(mask).astype(np.uint8)
+    # A median filter smooths the noisy threshold contour along the skin line.
+    return cv2.medianBlur(mask * 255, side) > 127
 
 
 def chest_wall_on_right(image: np.ndarray, mask: np.ndarray) -> bool:
@@ -103,37 +105,55 @@ def locate_breast(image: np.ndarray, margin: float = 0.02) -> BreastRegion:
 def pectoral_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Heuristic pectoral-muscle mask of an MLO view oriented with the chest wall on the left.
 
-    The muscle is the bright wedge in the upper-left corner: take the bright
-    component (Otsu level of the breast's upper half) touching the left edge
-    near the top, fit a straight line to its right border row by row, and
-    return the triangle under that line. Returns an all-False mask when the
-    fitted wedge is implausible (too small, too large, or no such component).
+    The muscle is the bright wedge in the upper-left corner. At successively
+    higher Otsu levels of the breast's upper half, take the bright component
+    touching the left edge near the top, fit a straight line to its right
+    border row by row, and accept the triangle under that line when it is
+    plausible (a falling border that the component fills well). Returns an
+    all-False mask when no level gives a plausible wedge.
     """
-    height, width = image.shape
-    empty = np.zeros_like(mask, dtype=bool)
-    top = mask[: height // 2]
-    if top.sum() < 50:
-        return empty
-    values = np.clip(image[: height // 2][top] * 255.0, 0, 255).astype(np.uint8)
-    level, _ = cv2.threshold(values.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    bright = (image * 255.0 > level) & mask
-    bright[height // 2 :] = False
+    height = image.shape[0]
+    upper = mask.copy()
+    upper[height // 2 :] = False
+    gray = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    values = gray[upper]
+    if values.size < 50:
+        return np.zeros_like(mask, dtype=bool)
+    level = int(values.min())
+    for _ in range(3):
+        brighter = values[values > level]
+        if brighter.size < 50 or int(brighter.max()) == int(brighter.min()):
+            break
+        level = int(cv2.threshold(brighter.reshape(-1, 1), 0, 255,
+                                  cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0])
+        wedge = _corner_wedge((gray > level) & upper, mask)
+        if wedge is not None:
+            return wedge
+    return np.zeros_like(mask, dtype=bool)
+
+
+def _corner_wedge(bright: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+    """The triangle fitted to the bright component in the top-left corner, if plausible."""
+    height, width = bright.shape
     labels, _ = ndimage.label(bright)
     seeds = labels[: max(1, height // 4), : max(1, width // 20)]
-    seed_labels = seeds[seeds > 0]
-    if seed_labels.size == 0:
-        return empty
-    component = labels == np.bincount(seed_labels).argmax()
+    seeds = seeds[seeds > 0]
+    if seeds.size == 0:
+        return None
+    component = labels == np.bincount(seeds).argmax()
     rows = np.flatnonzero(component.any(axis=1))
     if rows.size < 5:
-        return empty
+        return None
     right_edges = np.array([np.flatnonzero(component[row])[-1] for row in rows], dtype=float)
-    slope, intercept = np.polyfit(rows.astype(float), right_edges, 1)
+    slope, top_x = np.polyfit(rows.astype(float), right_edges, 1)
     if slope >= 0:
-        return empty
-    top_x = intercept  # where the border meets the top edge
-    left_y = -intercept / slope  # where it meets the left edge
+        return None
+    left_y = -top_x / slope  # where the border meets the left edge
     if not (0.05 * width < top_x < 0.9 * width and 0.05 * height < left_y < 0.95 * height):
-        return empty
+        return None
     yy, xx = np.mgrid[0:height, 0:width]
-    return (xx < top_x + slope * yy) & mask
+    wedge = (xx < top_x + slope * yy) & mask
+    overlap = (wedge & component).sum()
+    if overlap < 0.7 * wedge.sum() or overlap < 0.7 * component.sum():
+        return None
+    return wedge
