@@ -71,7 +71,8 @@ class LevelScores:
     scores: np.ndarray
     threshold: float | None
     threshold_source: str
-    normalised: np.ndarray | None
+    probabilities: np.ndarray | None
+    probability_source: str | None
     aggregation: str | None
 
 
@@ -96,19 +97,36 @@ def level_scores(run: RunScores, level: str) -> LevelScores:
             rows = aggregate_breasts(run.images, aggregation)
         rows = rows.rename(columns={"prediction_id": "id"})
     if calibration is None:
-        threshold, source, normalised = None, "none (no threshold.json)", None
+        threshold, source = None, "none (no threshold.json)"
     else:
         threshold = calibration.value
         source = f"{calibration.method_used} at {calibration.level} level"
         if calibration.level != level:
             source += (", reused; soft-or pooling changes the score scale"
                        if calibration.aggregation == "soft-or" else ", reused")
-        normalised = calibration.normalise(rows["score"].to_numpy(dtype=float))
     return LevelScores(
         ids=rows["id"].astype(str).to_numpy(), groups=rows["patient_id"].astype(str).to_numpy(),
         labels=rows["label"].to_numpy(dtype=float).astype(int),
         scores=rows["score"].to_numpy(dtype=float), threshold=threshold,
-        threshold_source=source, normalised=normalised, aggregation=aggregation)
+        threshold_source=source, aggregation=aggregation,
+        **_probabilities(run, rows["score"].to_numpy(dtype=float)))
+
+
+def _probabilities(run: RunScores, scores: np.ndarray) -> dict[str, Any]:
+    """The probabilities pF1 is computed on, and where they come from.
+
+    A classifier's scores; else the normalised scores of a calibrated run; else
+    scores that already lie in [0, 1]; else none.
+    """
+    in_range = bool(scores.min() >= 0.0 and scores.max() <= 1.0)
+    if run.model_type == "classifier" and in_range:
+        return {"probabilities": scores, "probability_source": "score"}
+    if run.calibration is not None:
+        return {"probabilities": run.calibration.normalise(scores),
+                "probability_source": "score_normalised"}
+    if in_range:
+        return {"probabilities": scores, "probability_source": "score"}
+    return {"probabilities": None, "probability_source": None}
 
 
 def evaluate_level(data: LevelScores, n_bootstrap: int = 1000, confidence: float = 0.95,
@@ -117,11 +135,7 @@ def evaluate_level(data: LevelScores, n_bootstrap: int = 1000, confidence: float
     y, s = data.labels, data.scores
     band = metrics.roc_with_ci(y, s, data.groups, n_bootstrap, confidence, seed)
     best_f1, best_threshold = metrics.best_f1_threshold(y, s)
-    probabilities, pf1_input = None, None
-    if s.min() >= 0.0 and s.max() <= 1.0:
-        probabilities, pf1_input = s, "score"
-    elif data.normalised is not None:
-        probabilities, pf1_input = data.normalised, "score_normalised"
+    probabilities, pf1_input = data.probabilities, data.probability_source
     result: dict[str, Any] = {
         "n": int(y.size), "n_positive": int(y.sum()), "n_negative": int(y.size - y.sum()),
         "n_patients": int(np.unique(data.groups).size),
@@ -387,8 +401,8 @@ def markdown_report(summary: dict[str, Any]) -> str:
                   "| " + " | ".join(TABLE_COLUMNS) + " |",
                   "|" + "---|" * len(TABLE_COLUMNS)]
         lines += ["| " + " | ".join(row) + " |" for row in table_rows(summary["levels"][level])]
-    lines += ["", "pF1 is computed on probabilities: the score when it lies in [0, 1], else the "
-              "calibrated normalised score (0.5 = threshold). ROC-AUC CIs are patient-level "
+    lines += ["", "pF1 is computed on probabilities: a classifier's scores, else the calibrated "
+              "normalised score (0.5 = threshold). ROC-AUC CIs are patient-level "
               "bootstrap percentile intervals.", ""]
     return "\n".join(lines)
 
@@ -447,8 +461,8 @@ def html_report(summary: dict[str, Any], figures: dict[str, bytes],
     if examples:
         parts.append("<h2>Example maps</h2>")
         parts += [embedded(key) for key in examples]
-    parts.append("<p>pF1 uses probabilities: the score when it lies in [0, 1], else the "
-                 "calibrated normalised score. Confidence intervals: patient-level bootstrap, "
+    parts.append("<p>pF1 uses probabilities: a classifier's scores, else the calibrated "
+                 "normalised score (0.5 = threshold). Confidence intervals: patient-level bootstrap, "
                  "percentile method.</p></body></html>")
     return "\n".join(parts) + "\n"
 
