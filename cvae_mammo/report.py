@@ -151,7 +151,12 @@ def evaluate_level(data: LevelScores, n_bootstrap: int = 1000, confidence: float
         "at_threshold": None,
     }
     if data.threshold is not None:
-        result["at_threshold"] = metrics.threshold_metrics(y, s, data.threshold)
+        at = metrics.threshold_metrics(y, s, data.threshold)
+        point = metrics.operating_point_ci(y, s, data.threshold, data.groups, n_bootstrap,
+                                           confidence, seed)
+        at.update(sensitivity_ci=list(point["sensitivity_ci"]),
+                  specificity_ci=list(point["specificity_ci"]))
+        result["at_threshold"] = at
     return result, band
 
 
@@ -366,6 +371,13 @@ def _number(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _with_ci(at: dict[str, Any], key: str) -> str:
+    if not at:
+        return "n/a"
+    low, high = at[f"{key}_ci"]
+    return f"{_number(at[key])} [{_number(low, 2)}, {_number(high, 2)}]"
+
+
 TABLE_COLUMNS: tuple[str, ...] = ("run", "n (pos/neg)", "ROC-AUC [95% CI]", "PR-AUC", "pF1",
                                   "best binarised pF1", "threshold", "F1", "precision",
                                   "sensitivity", "specificity")
@@ -384,7 +396,7 @@ def table_rows(level_results: dict[str, dict[str, Any]]) -> list[list[str]]:
                      _number(result["pr_auc"]), _number(result["pf1"]),
                      _number(result["pf1_binarised_best"]), threshold,
                      _number(at.get("f1")), _number(at.get("precision")),
-                     _number(at.get("sensitivity")), _number(at.get("specificity"))])
+                     _with_ci(at, "sensitivity"), _with_ci(at, "specificity")])
     return rows
 
 

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", action="append", required=True, metavar="RUN_DIR",
                         help="run folder; repeat for each run to compare")
     parser.add_argument("--name", action="append", default=None, metavar="NAME",
-                        help="display name per --run, in the same order (default: folder name)")
+                        help="display name per --run, in the same order; omitted: the run folder name")
     parser.add_argument("--data", required=True, metavar="DATASET_DIR",
                         help="dataset folder (manifest.csv with labels, splits.csv)")
     parser.add_argument("--split", default="test", help="split the runs were scored on")
