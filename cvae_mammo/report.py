@@ -507,7 +507,16 @@ def write_report(runs: Sequence[RunScores], out_dir: PathLike, split: str,
         raise ValueError(f"run names must be unique, got {names}")
     out_dir = Path(out_dir)
     images = runs[0].images
+    for run in runs:
+        missing = {"image_id", "patient_id", "prediction_id", "score", "label"} - set(run.images)
+        if missing:
+            raise ValueError(f"{run.name}: image table lacks {', '.join(sorted(missing))}")
+        if set(run.images["image_id"]) != set(images["image_id"]):
+            raise ValueError(f"{run.name}: scored other images than {runs[0].name}; "
+                             "evaluate every run on the same images")
     labels = images["label"].to_numpy(dtype=float)
+    if not np.isin(labels, (0.0, 1.0)).all():
+        raise ValueError("labels must be 0 or 1: leave unlabelled images out of the report")
     if not ((labels == 1).any() and (labels == 0).any()):
         raise InputError(f"split {split!r}: needs labelled positive and negative images to "
                          f"evaluate; it has {int((labels == 1).sum())} positive and "

@@ -23,7 +23,9 @@ from sklearn import metrics as skm
 
 from cvae_mammo.calibration import Calibration, calibrate
 from cvae_mammo.cli import main
+from cvae_mammo.cli.report import collect_runs
 from cvae_mammo.fileio import file_sha256
+from cvae_mammo.report import write_report
 
 FIGURE_KINDS = ("roc", "pr", "f1", "scores", "confusion")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -164,6 +166,19 @@ def test_run_without_threshold_and_bad_inputs(setup, capsys):
     scores.write_text(scores.read_text().replace("\n1", "\nx1", 1))
     assert _report(setup) == 2
     assert "not in" in capsys.readouterr().err
+
+
+def test_write_report_checks_its_inputs(setup, tmp_path):
+    runs, warnings = collect_runs([setup["cvae"], setup["clf"]], setup["data"], "test")
+    assert [run.model_type for run in runs] == ["cvae", "classifier"]
+    assert any("without a label" in w for w in warnings)
+    runs[1].images = runs[1].images.iloc[1:]
+    with pytest.raises(ValueError, match="same images"):
+        write_report(runs, tmp_path / "out", "test", n_bootstrap=10)
+    runs[1].images = runs[0].images.assign(label=np.nan)
+    with pytest.raises(ValueError, match="0 or 1"):
+        write_report(runs[1:], tmp_path / "out", "test", n_bootstrap=10)
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- headless browser
