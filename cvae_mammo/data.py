@@ -227,39 +227,58 @@ def _report_once(path: str, reason: str) -> None:
     LOGGER.warning("skipping image %s: %s", path, reason)
 
 
-def read_image(path: str, size: tuple[int, int]) -> np.ndarray:
-    """Read an 8- or 16-bit PNG (or any cv2-readable image) as float32 ``[H, W, 1]`` in [0, 1].
+def read_pixels(path: str, size: tuple[int, int]) -> np.ndarray:
+    """Read an 8- or 16-bit PNG (or any cv2-readable image) as ``uint8``/``uint16`` ``[H, W]``.
 
-    Resized to ``size`` (H, W) with area interpolation when shrinking.
-    Raises ``OSError`` when the file is missing or cannot be decoded.
+    Colour images become grey; the image is resized to ``size`` (H, W), with
+    area interpolation when shrinking. Raises ``OSError`` when the file is
+    missing, cannot be decoded or has another pixel type.
     """
     image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if image is None:
-        reason = "file not found" if not os.path.exists(path) else "cannot decode"
-        raise OSError(reason)
+        raise OSError("file not found" if not os.path.exists(path) else "cannot decode")
     if image.ndim == 3:
         image = cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY)
-    if image.dtype == np.uint8:
-        scale = 255.0
-    elif image.dtype == np.uint16:
-        scale = 65535.0
-    else:
+    if image.dtype not in (np.uint8, np.uint16):
         raise OSError(f"unsupported pixel type {image.dtype}")
     height, width = size
     if image.shape != (height, width):
         shrink = image.shape[0] > height or image.shape[1] > width
         image = cv2.resize(image, (width, height),
                            interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return (image.astype(np.float32) * np.float32(1.0 / scale))[..., None]
+    return image
 
 
-def _decode_or_skip(path: bytes, height: int, width: int) -> tuple[np.ndarray, bool]:
+def to_unit_float(pixels: np.ndarray) -> np.ndarray:
+    """``uint8``/``uint16`` pixels as float32 ``[..., 1]`` in [0, 1] (divided by 255 or 65535)."""
+    scale = np.float32(1.0 / np.iinfo(pixels.dtype).max)
+    return (pixels.astype(np.float32) * scale).reshape(*pixels.shape[:2], 1)
+
+
+def read_image(path: str, size: tuple[int, int]) -> np.ndarray:
+    """Read an 8- or 16-bit image as float32 ``[H, W, 1]`` in [0, 1] at ``size`` (H, W)."""
+    return to_unit_float(read_pixels(path, size))
+
+
+def _decode_or_skip(path: bytes, height: int, width: int) -> tuple[np.ndarray, np.float32, bool]:
+    """Pixels in a uint16 container with their full-scale value (255 or 65535), and success."""
     text = path.decode("utf-8")
     try:
-        return read_image(text, (int(height), int(width))), True
+        pixels = read_pixels(text, (int(height), int(width)))
     except OSError as error:
         _report_once(text, str(error))
-        return np.zeros((int(height), int(width), 1), np.float32), False
+        return np.zeros((int(height), int(width), 1), np.uint16), np.float32(1), False
+    full = np.float32(np.iinfo(pixels.dtype).max)
+    return pixels.astype(np.uint16)[..., None], full, True
+
+
+def _augment_pixels(augmenter: Augmenter, pixels: np.ndarray, full: np.float32,
+                    seed: int) -> np.ndarray:
+    """Augment in the image's own bit depth where albumentations is fastest (uint8 LUTs),
+    then scale to float32 [0, 1]. 16-bit images are augmented as float32."""
+    if full == 255:
+        return to_unit_float(augmenter(pixels.astype(np.uint8), seed))
+    return augmenter(to_unit_float(pixels), seed)
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -315,10 +334,12 @@ def build_pipeline(
     augmenter = Augmenter(augment) if augment and augment != "none" else None
 
     def decode(index: tf.Tensor) -> dict[str, tf.Tensor]:
-        image, ok = tf.numpy_function(_decode_or_skip, [tf.gather(tables["path"], index), height, width],
-                                      [tf.float32, tf.bool], stateful=False)
-        image.set_shape((height, width, 1))
-        return {"index": index, "image": image, "ok": ok}
+        pixels, full, ok = tf.numpy_function(
+            _decode_or_skip, [tf.gather(tables["path"], index), height, width],
+            [tf.uint16, tf.float32, tf.bool], stateful=False)
+        pixels.set_shape((height, width, 1))
+        full.set_shape(())
+        return {"index": index, "pixels": pixels, "full": full, "ok": ok}
 
     def decoded(ds: tf.data.Dataset) -> tf.data.Dataset:
         ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -369,12 +390,13 @@ def build_pipeline(
         ds = decoded(ds)
 
     def finish(counter: tf.Tensor, element: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        image = element["image"]
         if augmenter is not None:
             image = tf.numpy_function(
-                lambda img, i: augmenter(img, element_seed(seed, int(i))),
-                [image, counter], tf.float32, stateful=False)
+                lambda px, full, i: _augment_pixels(augmenter, px, full, element_seed(seed, int(i))),
+                [element["pixels"], element["full"], counter], tf.float32, stateful=False)
             image.set_shape((height, width, 1))
+        else:
+            image = tf.cast(element["pixels"], tf.float32) / element["full"]
         out = {"image": image}
         index = element["index"]
         out["label"] = tf.gather(tables["label"], index)
