@@ -164,7 +164,8 @@ def overlay(image: np.ndarray, amap: np.ndarray, size: tuple[int, int] | None = 
     """RGB uint8 heat-map overlay of ``amap`` on the grey ``image`` (both [H, W]).
 
     Resized to ``size`` (H, W) when given. The map is scaled to [0, ``vmax``] (default:
-    its own maximum) and drawn with the ``inferno`` colour map where it is non-zero.
+    its own maximum) and blended with the ``inferno`` colour map, more opaque where it is
+    higher, so the mammogram stays visible where the map is low.
     """
     import cv2
     from matplotlib import colormaps
@@ -179,7 +180,7 @@ def overlay(image: np.ndarray, amap: np.ndarray, size: tuple[int, int] | None = 
     scaled = np.clip(heat / top, 0.0, 1.0) if top > 0 else np.zeros_like(heat)
     colour = colormaps["inferno"](scaled)[..., :3]
     base = np.repeat(np.clip(grey, 0.0, 1.0)[..., None], 3, axis=2)
-    weight = (alpha * (heat > 0))[..., None]
+    weight = (alpha * np.sqrt(scaled) * (heat > 0))[..., None]
     return np.round(255 * ((1 - weight) * base + weight * colour)).astype(np.uint8)
 
 
