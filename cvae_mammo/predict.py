@@ -13,6 +13,7 @@ e.g. a classifier's probability) and optionally per-image anomaly maps ``[B, H, 
 
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 import math
@@ -57,8 +58,11 @@ class Predictor(Protocol):
 
 
 PredictorFactory = Callable[[Path, dict[str, Any]], Predictor]
-#: model_type -> factory(run_dir, config.json content).
-PREDICTORS: dict[str, PredictorFactory] = {}
+#: model_type -> factory(run_dir, config.json content), or ``"module:attribute"`` naming one
+#: that is imported only when a run of that type is scored.
+PREDICTORS: dict[str, PredictorFactory | str] = {
+    "classifier": "cvae_mammo.classifier_predict:ClassifierPredictor",
+}
 
 
 def register_predictor(model_type: str, factory: PredictorFactory) -> None:
@@ -76,7 +80,15 @@ def load_predictor(run_dir: PathLike) -> Predictor:
     if model_type not in PREDICTORS:
         raise InputError(f"{run_dir / 'config.json'}: model_type {model_type!r} has no predictor "
                          f"(known: {', '.join(sorted(PREDICTORS))})")
-    return PREDICTORS[model_type](run_dir, config)
+    factory = PREDICTORS[model_type]
+    if isinstance(factory, str):
+        module_name, _, attribute = factory.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as error:
+            raise InputError(f"{run_dir / 'config.json'}: model_type {model_type!r} needs "
+                             f"{factory}, which is not available ({error})") from error
+    return factory(run_dir, config)
 
 
 def load_scoring(run_dir: PathLike) -> ScoringConfig:
