@@ -181,6 +181,38 @@ def test_write_report_checks_its_inputs(setup, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_report_scores_real_runs_without_scores_files(mias_dataset_factory, tmp_path):
+    """A real tiny CVAE on mini-MIAS, calibrated two ways: report calls predict for the test split."""
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    from cvae_mammo.models.cvae import CVAEConfig
+    from cvae_mammo.train_cvae import fit_cvae
+
+    dataset = mias_dataset_factory(size=(64, 32))
+    config = CVAEConfig.small(image_size=(64, 32), filters=(8, 16), latent_channels=2, epochs=1,
+                              batch_size=16, augment=None, recon_every=100)
+    first = fit_cvae(dataset, tmp_path / "youden", config=config, seed=0, xla=False,
+                     command=["test"])
+    assert main(["calibrate", "--run", str(first), "--data", str(dataset), "--method",
+                 "youden"]) == 0
+    second = tmp_path / "quantile"
+    shutil.copytree(first, second)
+    assert main(["calibrate", "--run", str(second), "--data", str(dataset), "--method",
+                 "normal-quantile:0.9", "--level", "breast", "--aggregation", "max"]) == 0
+    out = tmp_path / "report"
+    assert main(["report", "--run", str(first), "--run", str(second), "--data", str(dataset),
+                 "--out", str(out), "--n-bootstrap", "50"]) == 0
+    scores = pd.read_csv(first / "scores_test.csv", dtype={"image_id": str})
+    splits = pd.read_csv(dataset / "splits.csv", dtype={"image_id": str})
+    assert set(scores["image_id"]) == set(splits.loc[splits["split"] == "test", "image_id"])
+    summary = json.loads((out / "metrics.json").read_text())
+    youden, quantile = (summary["levels"]["image"][name] for name in ("youden", "quantile"))
+    assert youden["n"] == len(scores) and youden["roc_auc"] == pytest.approx(quantile["roc_auc"])
+    assert youden["at_threshold"]["threshold"] != quantile["at_threshold"]["threshold"]
+    assert (out / "report.html").stat().st_size > 50_000
+
+
 # --------------------------------------------------------------------------- headless browser
 
 
