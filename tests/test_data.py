@@ -166,3 +166,69 @@ def test_encoder_round_trip_through_run_config(tmp_path, dataset):
     again = MetadataEncoder.load(tmp_path / "encoder.json")
     frame = dataset.subset(split="test")
     np.testing.assert_array_equal(again.transform(frame), encoder.transform(frame))
+
+
+def test_sixteen_bit_folder_through_the_pipeline(tmp_path, dataset):
+    frame = dataset.subset(split="val").head(6)
+    for path in frame["path"]:
+        pixels = cv2.imread(str(dataset.root / path), cv2.IMREAD_UNCHANGED)
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tmp_path / path), pixels.astype(np.uint16) * 257)
+    eight = _all(build_pipeline(frame, dataset.root, image_size=SIZE, batch_size=3))
+    sixteen = _all(build_pipeline(frame, tmp_path, image_size=SIZE, batch_size=3))
+    np.testing.assert_allclose(sixteen["image"], eight["image"], atol=1e-6)
+    augmented = _all(build_pipeline(frame, tmp_path, image_size=SIZE, batch_size=3,
+                                    augment="classifier", seed=1))
+    assert augmented["image"].dtype == np.float32 and augmented["image"].shape == eight["image"].shape
+    assert augmented["image"].min() >= 0 and augmented["image"].max() <= 1
+    assert not np.array_equal(augmented["image"], sixteen["image"])
+
+
+@pytest.mark.parametrize("cache", [True, "file"])
+def test_cache_gives_the_same_batches(tmp_path, dataset, cache):
+    frame = dataset.subset(split="test")
+    cache = str(tmp_path / "cache") if cache == "file" else cache
+    kwargs = {"image_size": SIZE, "batch_size": 8, "shuffle": True, "seed": 3, "repeat": True,
+              "augment": "cvae", "include_ids": True}
+    plain = build_pipeline(frame, dataset.root, **kwargs).take(12)
+    cached = build_pipeline(frame, dataset.root, cache=cache, **kwargs).take(12)
+    for a, b in zip(plain.as_numpy_iterator(), cached.as_numpy_iterator()):
+        np.testing.assert_array_equal(a["image_id"], b["image_id"])
+        np.testing.assert_array_equal(a["image"], b["image"])
+    if isinstance(cache, str):
+        assert any(p.name.startswith("cache_all") for p in tmp_path.iterdir())
+
+
+def test_kfold_split_file_and_fold_selection(tmp_path, dataset):
+    from cvae_mammo.cli import main
+
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset.root, copy)
+    assert main(["split", str(copy), "--folds", "3", "--seed", "4", "--stratify",
+                 "background_tissue"]) == 0
+    splits = pd.read_csv(copy / "splits.csv")
+    assert set(splits["split"]) == {"train"} and set(splits["fold"]) == {0, 1, 2}
+    opened = MammoDataset.open(copy, fold=1)
+    val = opened.subset(split="val")
+    assert set(val["image_id"]) == set(splits.loc[splits["fold"] == 1, "image_id"])
+    assert not set(val["patient_id"]) & set(opened.subset(split="train")["patient_id"])
+    assert (opened.counts().loc[["train", "val"], "positives"] > 0).all()
+    with pytest.raises(InputError, match="fold 5 not in the split file"):
+        MammoDataset.open(copy, fold=5)
+
+
+def test_split_cli_prints_counts_and_rejects_bad_options(tmp_path, dataset, capsys):
+    from cvae_mammo.cli import main
+
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset.root, copy)
+    (copy / "splits.csv").unlink()
+    assert main(["split", str(copy), "--val", "0.2", "--test", "0.2", "--seed", "9"]) == 0
+    printed = capsys.readouterr().out
+    assert "positives" in printed and "total" in printed and "196" in printed
+    first = (copy / "splits.csv").read_text()
+    assert main(["split", str(copy), "--val", "0.2", "--test", "0.2", "--seed", "9"]) == 0
+    assert (copy / "splits.csv").read_text() == first  # same seed, same file
+    assert main(["split", str(copy), "--folds", "3", "--val", "0.2"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert main(["split", str(tmp_path / "nowhere")]) == 2
