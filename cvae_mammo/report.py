@@ -339,7 +339,11 @@ def examples_figure(name: str, data: LevelScores, maps_dir: Path, per_row: int =
              for kind, chosen in cases.items()}
     if not any(path for chosen in found.values() for _, _, path in chosen):
         return None
-    figure = Figure(figsize=(2.6 * per_row, 3.3 * len(found)), layout="constrained")
+    first = next(path for chosen in found.values() for _, _, path in chosen if path)
+    with Image.open(first) as picture:
+        aspect = picture.width / picture.height
+    width = float(np.clip(2.8 * aspect, 1.4, 4.0))  # panel width for a 2.8-inch-high map
+    figure = Figure(figsize=(width * per_row + 0.6, 3.4 * len(found)), layout="constrained")
     axes = figure.subplots(len(found), per_row, squeeze=False)
     for row, (kind, chosen) in enumerate(found.items()):
         for column in range(per_row):
