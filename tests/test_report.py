@@ -28,7 +28,8 @@ from cvae_mammo.fileio import file_sha256
 from cvae_mammo.report import write_report
 
 FIGURE_KINDS = ("roc", "pr", "f1", "scores", "confusion")
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM = (os.environ.get("CVAE_MAMMO_CHROMIUM") or shutil.which("chromium")
+            or "/usr/bin/chromium")
 
 
 def _dataset(root: Path, n_patients: int = 60, seed: int = 0) -> pd.DataFrame:
@@ -235,7 +236,8 @@ class DevTools:
         self._messages: queue.Queue[dict] = queue.Queue()
         self.events: list[dict] = []
         self._next_id = 0
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         buffer = b""
@@ -274,7 +276,9 @@ class DevTools:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self._reader.join(timeout=10)
         os.close(self._command_write)
+        os.close(self._events_read)
 
 
 def _open_page(browser: DevTools, url: str) -> tuple[list[str], list[int]]:
