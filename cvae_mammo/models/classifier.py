@@ -18,6 +18,7 @@ different scales; :func:`predict_proba` also refuses images outside [0, 1].
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -282,6 +283,28 @@ class MaskedAuxiliaryLoss(keras.losses.Loss):
         return {**super().get_config(), "classes": self.classes}
 
 
+#: ClassifierConfig fields that only steer training (not the model's architecture).
+TRAINING_FIELDS: tuple[str, ...] = (
+    "epochs", "batch_size", "learning_rate", "weight_decay", "clipnorm", "warmup_epochs",
+    "freeze_epochs", "unfreeze_from", "freeze_batchnorm", "positive_fraction", "augment",
+    "precision", "monitor", "patience", "seed",
+)
+
+
+def split_config(config: ClassifierConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(model, training)`` halves of a config as plain JSON values (tuples become lists),
+    as stored in a run's ``config.json``."""
+    values = json.loads(json.dumps(config.to_dict()))
+    training = {name: values.pop(name) for name in TRAINING_FIELDS}
+    return values, training
+
+
+def config_from_run(run_config: dict[str, Any]) -> ClassifierConfig:
+    """Rebuild the :class:`ClassifierConfig` of a run from its ``config.json`` content."""
+    training = {k: v for k, v in run_config.get("training", {}).items() if k in TRAINING_FIELDS}
+    return ClassifierConfig.from_dict({**run_config["model"], **training})
+
+
 def build_backbone(
     name: str, input_shape: tuple[int, int, int], weights: str | None = None
 ) -> keras.Model:
@@ -412,7 +435,11 @@ def classifier_losses(config: ClassifierConfig) -> tuple[dict[str, Any], dict[st
 
 
 def compile_classifier(
-    model: keras.Model, config: ClassifierConfig, optimizer: Any, run_eagerly: bool = False
+    model: keras.Model,
+    config: ClassifierConfig,
+    optimizer: Any,
+    run_eagerly: bool = False,
+    jit_compile: bool = False,
 ) -> None:
     """Compile with the configured losses and ROC-AUC + pF1 metrics on ``label``."""
     losses, loss_weights = classifier_losses(config)
@@ -425,7 +452,7 @@ def compile_classifier(
         loss_weights=loss_weights,
         metrics=metrics,
         run_eagerly=run_eagerly,
-        jit_compile=False,
+        jit_compile=jit_compile,
     )
 
 
