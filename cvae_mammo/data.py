@@ -274,11 +274,16 @@ def _decode_or_skip(path: bytes, height: int, width: int) -> tuple[np.ndarray, n
 
 def _augment_pixels(augmenter: Augmenter, pixels: np.ndarray, full: np.float32,
                     seed: int) -> np.ndarray:
-    """Augment in the image's own bit depth where albumentations is fastest (uint8 LUTs),
-    then scale to float32 [0, 1]. 16-bit images are augmented as float32."""
+    """Augment ``[H, W, 1]`` pixels in their own bit depth and return them in the uint16 container.
+
+    8-bit images are augmented as uint8, where albumentations is fastest (look-up
+    tables for brightness, contrast and gamma); 16-bit ones as float32, then
+    re-quantised to 16 bits. The float conversion stays in TensorFlow.
+    """
     if full == 255:
-        return to_unit_float(augmenter(pixels.astype(np.uint8), seed))
-    return augmenter(to_unit_float(pixels), seed)
+        return augmenter(pixels.astype(np.uint8), seed).astype(np.uint16)
+    out = augmenter(pixels.astype(np.float32) * np.float32(1 / 65535), seed)
+    return (out * np.float32(65535) + np.float32(0.5)).astype(np.uint16)
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -390,14 +395,13 @@ def build_pipeline(
         ds = decoded(ds)
 
     def finish(counter: tf.Tensor, element: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        pixels = element["pixels"]
         if augmenter is not None:
-            image = tf.numpy_function(
+            pixels = tf.numpy_function(
                 lambda px, full, i: _augment_pixels(augmenter, px, full, element_seed(seed, int(i))),
-                [element["pixels"], element["full"], counter], tf.float32, stateful=False)
-            image.set_shape((height, width, 1))
-        else:
-            image = tf.cast(element["pixels"], tf.float32) / element["full"]
-        out = {"image": image}
+                [pixels, element["full"], counter], tf.uint16, stateful=False)
+            pixels.set_shape((height, width, 1))
+        out = {"image": tf.cast(pixels, tf.float32) / element["full"]}
         index = element["index"]
         out["label"] = tf.gather(tables["label"], index)
         if "condition" in tables:
