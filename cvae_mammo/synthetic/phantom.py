@@ -31,8 +31,8 @@ DENSITY_FRACTIONS: dict[str, float] = {"A": 0.08, "B": 0.25, "C": 0.5, "D": 0.75
 VIEWS: tuple[str, ...] = ("CC", "MLO")
 LATERALITIES: tuple[str, ...] = ("L", "R")
 
-_FAT_LEVEL = 0.38
-_GLAND_LEVEL = 0.68
+_FAT_LEVEL = 0.40
+_GLAND_LEVEL = 0.65
 _MUSCLE_LEVEL = 0.8
 _MARKER_LEVEL = 1.0
 
@@ -89,11 +89,11 @@ def sample_lesion_spec(rng: np.random.Generator, kind: str | None = None) -> Les
     if kind is None:
         kind = str(rng.choice(LESION_KINDS, p=[0.4, 0.35, 0.25]))
     if kind == "mass":
-        return LesionSpec(kind, float(rng.uniform(0.04, 0.07)), float(rng.uniform(0.14, 0.22)))
+        return LesionSpec(kind, float(rng.uniform(0.04, 0.07)), float(rng.uniform(0.2, 0.3)))
     if kind == "spiculated":
-        return LesionSpec(kind, float(rng.uniform(0.03, 0.05)), float(rng.uniform(0.15, 0.22)))
+        return LesionSpec(kind, float(rng.uniform(0.03, 0.05)), float(rng.uniform(0.2, 0.3)))
     if kind == "calcifications":
-        return LesionSpec(kind, float(rng.uniform(0.035, 0.055)), float(rng.uniform(0.3, 0.45)))
+        return LesionSpec(kind, float(rng.uniform(0.035, 0.055)), float(rng.uniform(0.5, 0.65)))
     raise ValueError(f"lesion kind {kind!r}: expected one of {', '.join(LESION_KINDS)}")
 
 
@@ -184,8 +184,8 @@ def _tissue(
     score = texture + 1.6 * prior + 0.25 * fine
     fraction = DENSITY_FRACTIONS[density]
     threshold = np.quantile(score[mask], 1.0 - fraction) if mask.any() else 0.0
-    glands = 1.0 / (1.0 + np.exp(-(score - threshold) / 0.35))
-    tissue = _FAT_LEVEL + (_GLAND_LEVEL - _FAT_LEVEL) * glands + 0.02 * fine
+    glands = 1.0 / (1.0 + np.exp(-(score - threshold) / 0.5))
+    tissue = _FAT_LEVEL + (_GLAND_LEVEL - _FAT_LEVEL) * glands + 0.015 * fine
     return tissue.astype(np.float32)
 
 
@@ -249,10 +249,10 @@ def _spicules(
 def _calcifications(
     rng: np.random.Generator, shape: tuple[int, int], centre: tuple[float, float], radius: float
 ) -> np.ndarray:
-    """A cluster of 6-20 tiny bright specks inside ``radius`` (0-1)."""
+    """A cluster of 8-24 tiny bright specks inside ``radius`` (0-1)."""
     canvas = np.zeros(shape, dtype=np.float32)
-    speck = max(1.0, 0.004 * shape[0])
-    for _ in range(rng.integers(6, 21)):
+    speck = max(1.0, 0.005 * shape[0])
+    for _ in range(rng.integers(8, 25)):
         distance = radius * np.sqrt(rng.uniform(0, 1))
         angle = rng.uniform(0, 2 * np.pi)
         col = centre[1] + distance * np.cos(angle)
