@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.csv"
 SPLITS_NAME = "splits.csv"
+#: Shuffle buffer (images) when decoded images are cached: shuffling indices before decoding
+#: needs no buffer, but a cache holds decoded images, so the buffer is bounded (~1 GB at 1456x728).
+CACHED_SHUFFLE_BUFFER = 512
 _ID_DTYPES = {"image_id": str, "patient_id": str, "prediction_id": str}
 
 
@@ -313,7 +316,8 @@ def build_pipeline(
     ``positive_fraction``: oversample positives to this expected share of
     each batch (labels must be known). ``negative_fraction``: use this share
     of the negatives, redrawn every epoch. ``cache``: True caches decoded
-    images in memory, a string caches them in files with that prefix.
+    images in memory, a string caches them in files with that prefix (then
+    shuffling uses a buffer of :data:`CACHED_SHUFFLE_BUFFER` decoded images).
     ``threads``: private thread-pool size (default: TensorFlow's). The
     order, the sampling and every augmentation are fixed by ``seed``.
     """
@@ -328,7 +332,7 @@ def build_pipeline(
     height, width = int(image_size[0]), int(image_size[1])
     root = Path(root)
     paths = np.asarray([os.fspath(root / p) for p in frame["path"].astype(str)], dtype=object)
-    labels = (frame["label"].to_numpy(np.float32) if "label" in frame.columns
+    labels = (frame["label"].astype("float64").to_numpy(np.float32) if "label" in frame.columns
               else np.full(len(frame), np.nan, np.float32))
     tables: dict[str, tf.Tensor] = {"path": tf.constant(paths.astype(str)),
                                     "label": tf.constant(labels)}
@@ -355,7 +359,8 @@ def build_pipeline(
         if cache:
             ds = decoded(ds).cache(f"{cache}_{name}" if isinstance(cache, str) else "")
         if shuffle or take is not None:
-            ds = ds.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True)
+            buffer = min(len(indices), CACHED_SHUFFLE_BUFFER) if cache else len(indices)
+            ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
         if take is not None:
             ds = ds.take(take)
         return ds.repeat() if forever else ds
@@ -378,7 +383,9 @@ def build_pipeline(
         if positive_fraction is None:
             ds = branch(positives, "pos", None, False).concatenate(
                 branch(negatives, "neg", kept, False))
-            ds = ds.shuffle(len(positives) + kept, seed=seed + 1, reshuffle_each_iteration=True)
+            buffer = len(positives) + kept
+            ds = ds.shuffle(min(buffer, CACHED_SHUFFLE_BUFFER) if cache else buffer, seed=seed + 1,
+                            reshuffle_each_iteration=True)
             ds = ds.repeat() if repeat else ds
         else:
             if not 0 < positive_fraction < 1:
