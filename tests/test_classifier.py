@@ -260,3 +260,21 @@ def test_config_round_trip_and_validation(tmp_path) -> None:
         _config(backbone="ResNet50")
     with pytest.raises(ValueError, match="aux target"):
         _config(aux_targets={"cancer": 1.0})
+
+
+def test_grad_cam_maps_cover_the_image_and_follow_the_gradient() -> None:
+    from cvae_mammo.models.classifier import grad_cam
+
+    config = _config(image_size=(64, 32), pooling="avg")
+    model = build_classifier(config)
+    images = _images(2, size=(64, 32))
+    maps = grad_cam(model, {"image": images})
+    assert maps.shape == (2, 64, 32) and np.isfinite(maps).all()
+    assert maps.min() >= 0.0 and maps.max() <= 1.0 + 1e-6
+    for cam in maps:
+        assert cam.max() == pytest.approx(1.0, abs=1e-5) or not cam.any()
+    # Flipping the label head's sign reverses which features count as evidence.
+    kernel, bias = model.get_layer("label").get_weights()
+    model.get_layer("label").set_weights([-kernel, bias])
+    flipped = grad_cam(model, {"image": images})
+    assert not np.allclose(maps, flipped)

@@ -133,3 +133,23 @@ def test_cli_graph_mode_training(mias_dataset: Path, tmp_path: Path, capsys) -> 
     assert cli_main(["fit-classifier", "--data", str(mias_dataset), "--out", str(tmp_path / "x"),
                      "--weights", str(tmp_path / "missing.weights.h5"), "--epochs", "1",
                      "--image-size", "128x64"]) == 2
+
+
+def test_predictor_scores_a_split_through_the_shared_predict_code(trained_run: Path,
+                                                                  mias_dataset: Path,
+                                                                  tmp_path: Path) -> None:
+    """ClassifierPredictor plugged into cvae_mammo.predict: scores_val.csv + Grad-CAM overlays."""
+    from cvae_mammo.models.classifier import ClassifierPredictor
+    from cvae_mammo.predict import PREDICTORS, predict_split, register_predictor
+
+    if "classifier" not in PREDICTORS:
+        register_predictor("classifier", ClassifierPredictor)
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    scored = predict_split(run, mias_dataset, split="val", maps_dir=tmp_path / "maps")
+    saved = pd.read_csv(run / "predictions_val.csv", dtype={"image_id": str})
+    merged = scored.merge(saved, on="image_id", suffixes=("", "_saved"))
+    assert len(merged) == len(saved)
+    np.testing.assert_allclose(merged["score"], merged["probability_saved"], rtol=1e-4, atol=1e-5)
+    assert (run / "scores_val.csv").is_file()
+    assert len(list((tmp_path / "maps").glob("*.png"))) == len(saved)
