@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 MIAS = Path(os.environ.get("CVAE_MAMMO_SHARED_DATA", REPO.parent / "shared" / "data")) / "mini_mias"
 POLICIES = ("none", "cvae", "classifier")
 #: Timed rounds per configuration; the best round is reported (the machine is shared).
-ROUNDS = 3
+ROUNDS = 5
 
 
 def build_folder(out: Path, size: tuple[int, int], count: int, bits: int) -> None:

@@ -13,8 +13,8 @@ Policies (by name):
 An :class:`Augmenter` draws every random number from a seed given per call,
 so the same (run seed, element index) always gives the same output, whatever
 thread computes it. It works on uint8 images (fastest: photometric changes
-become look-up tables) or float32 images in [0, 1], and never imports
-TensorFlow.
+become look-up tables) or float32 images in [0, 1] (16-bit data; about 3x
+the uint8 cost, see benchmarks/bench_data.py), and never imports TensorFlow.
 """
 
 from __future__ import annotations
