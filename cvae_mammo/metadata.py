@@ -165,7 +165,9 @@ def normalise_metadata(frame: pd.DataFrame, label_column: str = "label") -> pd.D
     computed = prediction_ids(out["patient_id"], out["laterality"], out["image_id"])
     if existing is not None:
         existing = _id_text(existing)
-        out["prediction_id"] = existing.where(existing != "", computed)
+        # "patient_" was built from a blank laterality: it would merge both breasts
+        usable = (existing != "") & (existing != out["patient_id"] + "_")
+        out["prediction_id"] = existing.where(usable, computed)
     else:
         out["prediction_id"] = computed
     return out

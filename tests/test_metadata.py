@@ -125,6 +125,8 @@ def test_generic_manifest_without_laterality_or_labels():
     assert list(out["prediction_id"]) == ["7_a", "7_b"]  # no laterality: each image its own breast
     assert out["label"].isna().all()
     assert not out["view_rare"].any()
+    given = frame.assign(prediction_id=["7_", "7_left"])  # "7_": made from a blank laterality
+    assert list(normalise_metadata(given)["prediction_id"]) == ["7_a", "7_left"]
 
 
 def test_bad_metadata_is_named():
