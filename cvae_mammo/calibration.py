@@ -173,20 +173,29 @@ def choose_threshold(scores: ArrayLike, labels: ArrayLike,
         warnings.warn(warning, UserWarning, stacklevel=2)
         LOGGER.warning(warning)
     if used.name == "normal-quantile":
-        return float(np.quantile(s[~y], used.target)), used, warning
-    sweep = threshold_sweep(y, s)
-    if used.name == "f1":
-        index = int(np.argmax(sweep.f1))
-    elif used.name == "youden":
-        index = int(np.argmax(sweep.sensitivity + sweep.specificity))
-    elif used.name == "sensitivity":
-        index = int(np.argmax(sweep.sensitivity >= used.target - _TOLERANCE))
-    elif used.name == "specificity":
-        reached = np.flatnonzero(sweep.specificity >= used.target - _TOLERANCE)
-        index = int(reached[-1])
+        value = float(np.quantile(s[~y], used.target))
+    elif used.name == "pf1":
+        sweep = threshold_sweep(y, s)
+        value = _pf1_threshold(s, y, normal_scale(s, y), sweep.thresholds)
     else:
-        return _pf1_threshold(s, y, normal_scale(s, y), sweep.thresholds), used, warning
-    return float(sweep.thresholds[index]), used, warning
+        sweep = threshold_sweep(y, s)
+        if used.name == "f1":
+            index = int(np.argmax(sweep.f1))
+        elif used.name == "youden":
+            index = int(np.argmax(sweep.sensitivity + sweep.specificity))
+        elif used.name == "sensitivity":
+            index = int(np.argmax(sweep.sensitivity >= used.target - _TOLERANCE))
+        else:
+            index = int(np.flatnonzero(sweep.specificity >= used.target - _TOLERANCE)[-1])
+        value = float(sweep.thresholds[index])
+    flagged = int(np.sum(s >= value))
+    if flagged in (0, s.size) and y.any():
+        degenerate = (f"threshold {value:.6g} ({used}) labels {'every' if flagged else 'no'} "
+                      "calibration case positive: the scores barely separate the classes")
+        warnings.warn(degenerate, UserWarning, stacklevel=2)
+        LOGGER.warning(degenerate)
+        warning = degenerate if warning is None else f"{warning}; {degenerate}"
+    return value, used, warning
 
 
 def nan_to_none(value: Any) -> Any:

@@ -536,6 +536,8 @@ def write_report(runs: Sequence[RunScores], out_dir: PathLike, split: str,
                  for run in runs},
         "levels": {},
     }
+    summary["warnings"] += [f"{run.name}: calibration: {run.calibration.warning}"
+                            for run in runs if run.calibration and run.calibration.warning]
     figures: dict[str, bytes] = {}
     captions: dict[str, str] = {}
     for level in LEVELS:

@@ -149,3 +149,10 @@ def test_load_rejects_other_files(tmp_path):
         Calibration.load(path)
     with pytest.raises(FileNotFoundError, match="calibrate"):
         Calibration.load(tmp_path / "missing.json")
+
+
+def test_degenerate_threshold_is_flagged():
+    # positives below every negative: the best F1 flags everything
+    with pytest.warns(UserWarning, match="labels every calibration case positive"):
+        value, _, warning = choose_threshold([0.1, 0.2, 0.5, 0.6], [1, 1, 0, 0], "f1")
+    assert value == pytest.approx(0.1) and "barely separate" in warning
