@@ -56,21 +56,25 @@ def breast_mask(image: np.ndarray) -> np.ndarray:
     side = max(3, round(0.03 * min(height, width))) | 1
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))
     opened = cv2.morphologyEx(binary, cv2.MORPH_OPEN, kernel)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(opened, connectivity=8)
-    if count < 2:
-        raise ValueError("no breast region found (image is blank after thresholding)")
-    areas = stats[1:, cv2.CC_STAT_AREA]
-    best = int(np.argmax(areas)) + 1
-    if areas[best - 1] < MIN_BREAST_FRACTION * height * width:
-        raise ValueError(
-            f"no breast region found (largest bright region is {areas[best - 1]} pixels)"
-        )
-    mask = labels == best
+    mask = _largest_component(opened)
+    if mask.sum() < MIN_BREAST_FRACTION * height * width:
+        raise ValueError(f"no breast region found (largest bright region is {mask.sum()} "
+                         "pixels)")
     # Give back the rim the opening shaved off, but only where the image is bright.
     mask = cv2.dilate(mask.astype(np.uint8), kernel).astype(bool) & (binary > 0)
     mask = ndimage.binary_fill_holes(mask).astype(np.uint8)
-    # A median filter smooths the noisy threshold contour along the skin line.
-    return cv2.medianBlur(mask * 255, side) > 127
+    # A small median filter smooths the noisy contour along the skin line (not the nipple).
+    smooth = max(3, round(0.01 * min(height, width))) | 1
+    mask = cv2.medianBlur(mask * 255, smooth) > 127
+    return _largest_component(mask.astype(np.uint8))
+
+
+def _largest_component(binary: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a 0/1 image (all False when there is none)."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    if count < 2:
+        return np.zeros(binary.shape, dtype=bool)
+    return labels == int(np.argmax(stats[1:, cv2.CC_STAT_AREA])) + 1
 
 
 def chest_wall_on_right(image: np.ndarray, mask: np.ndarray) -> bool:

@@ -23,6 +23,7 @@ import dataclasses
 import io
 import math
 import struct
+import warnings
 from typing import Any
 
 import numpy as np
@@ -164,12 +165,17 @@ def read_dicom(path: PathLike) -> DicomImage:
     """
     source = str(path)
     try:
-        dataset = pydicom.dcmread(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dataset = pydicom.dcmread(path)
     except InvalidDicomError as error:
         raise ImageReadError(source, f"not a DICOM file ({error})", "read") from error
     except Exception as error:
         raise ImageReadError(source, f"unreadable or truncated DICOM ({type(error).__name__}: "
                              f"{error})", "read") from error
+    ended_early = [w for w in caught if "end of file" in str(w.message).lower()]
+    if ended_early:
+        raise ImageReadError(source, f"truncated DICOM ({ended_early[0].message})", "read")
     if "PixelData" not in dataset:
         raise ImageReadError(source, "no pixel data (PixelData element missing)", "read")
     meta = getattr(dataset, "file_meta", None)

@@ -26,7 +26,6 @@ import math
 import multiprocessing
 import os
 import re
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -442,12 +441,12 @@ def _ids_from_file(path: Path, lookup: dict[str, str]) -> tuple[str, str]:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(config: dict[str, Any], out_dir: str, lookup: dict[str, str],
-                 views: dict[str, str], single_thread: bool) -> None:
+def _init_worker(config: dict[str, Any], out_dir: str, views: dict[str, str],
+                 single_thread: bool) -> None:
     if single_thread:
         cv2.setNumThreads(1)
     parsed = PreprocessConfig.from_dict(config)
-    _WORKER.update(config=parsed, out_dir=Path(out_dir), lookup=lookup, views=views,
+    _WORKER.update(config=parsed, out_dir=Path(out_dir), views=views,
                    hash=parsed.settings_hash())
 
 
@@ -455,14 +454,14 @@ def _record_path(out_dir: Path, patient_id: str, image_id: str) -> Path:
     return out_dir / "records" / patient_id / f"{image_id}.json"
 
 
-def _work(path_text: str) -> dict[str, Any]:
-    """Process one file in a worker; returns a result dict (never raises)."""
+def _work(task: tuple[str, str, str]) -> dict[str, Any]:
+    """Process one (file, image_id, patient_id) in a worker; returns a result dict, never raises."""
+    path_text, image_id, patient_id = task
     path = Path(path_text)
     config: PreprocessConfig = _WORKER["config"]
     out_dir: Path = _WORKER["out_dir"]
-    stage, image_id = "ids", ""
+    stage = "ids"
     try:
-        image_id, patient_id = _ids_from_file(path, _WORKER["lookup"])
         record_file = _record_path(out_dir, patient_id, image_id)
         relative = f"images/{patient_id}/{image_id}.png"
         source = os.path.abspath(path_text)
@@ -678,13 +677,16 @@ def _parse_shard(shard: tuple[int, int] | str | None) -> tuple[int, int] | None:
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
-    # fork is fastest, but not once TensorFlow's threads exist in the parent.
-    if sys.platform.startswith("linux") and "tensorflow" not in sys.modules:
-        return multiprocessing.get_context("fork")
+    # Never plain fork: a child forked after OpenCV (or TensorFlow) started its thread
+    # pool can deadlock. A fork server starts clean and forks cheap workers from there.
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["cvae_mammo.preprocess"])
+        return context
     return multiprocessing.get_context("spawn")
 
 
-def _run_workers(paths: list[str], init_args: tuple[Any, ...], workers: int,
+def _run_workers(paths: list[tuple[str, str, str]], init_args: tuple[Any, ...], workers: int,
                  progress: bool) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
@@ -754,19 +756,18 @@ def preprocess_dataset(
     views = meta.lookup("view") if meta else {}
 
     failures: list[dict[str, Any]] = []
-    todo: list[str] = []
+    todo: list[tuple[str, str, str]] = []
     seen: dict[tuple[str, str], Path] = {}
     for path in work:
-        ids = path_ids(path, lookup)
+        ids = _ids_from_file(path, lookup)
         if ids in seen:
             failures.append(_failure(str(path), "ids", f"duplicate image_id {ids[0]} (patient "
                                      f"{ids[1]}); also from {seen[ids]}", ids[0]))
             continue
-        if ids:
-            seen[ids] = path
-        todo.append(str(path))
+        seen[ids] = path
+        todo.append((str(path), *ids))
     workers = max(1, min(int(workers or os.cpu_count() or 1), max(1, len(todo))))
-    init_args = (config.to_dict(), str(out_dir), lookup, views, workers > 1)
+    init_args = (config.to_dict(), str(out_dir), views, workers > 1)
     results = failures + _run_workers(todo, init_args, workers, progress)
 
     records = [r["record"] for r in results if "record" in r]
