@@ -217,6 +217,9 @@ def fit_classifier(
         image_size=None if image_size is None else parse_image_size(image_size),
         loss=loss, freeze_epochs=freeze_epochs, precision=precision)
     cfg = cfg.replace(seed=seed, freeze_epochs=min(cfg.freeze_epochs, cfg.epochs))
+    if cfg.weights not in (None, "imagenet") and not Path(cfg.weights).is_file():
+        raise InputError(f"{cfg.weights}: backbone weights file not found "
+                         "(use --weights imagenet, none, or a local weights file)")
     set_global_seed(seed)
     policy = configure_precision(cfg.precision)
     dataset = MammoDataset.open(data_dir)

@@ -133,6 +133,8 @@ def test_cli_graph_mode_training(mias_dataset: Path, tmp_path: Path, capsys) -> 
     assert cli_main(["fit-classifier", "--data", str(mias_dataset), "--out", str(tmp_path / "x"),
                      "--weights", str(tmp_path / "missing.weights.h5"), "--epochs", "1",
                      "--image-size", "128x64"]) == 2
+    assert "missing.weights.h5" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before any run folder is written
 
 
 def test_predictor_scores_a_split_through_the_shared_predict_code(trained_run: Path,
