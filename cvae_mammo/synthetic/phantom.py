@@ -89,11 +89,11 @@ def sample_lesion_spec(rng: np.random.Generator, kind: str | None = None) -> Les
     if kind is None:
         kind = str(rng.choice(LESION_KINDS, p=[0.4, 0.35, 0.25]))
     if kind == "mass":
-        return LesionSpec(kind, float(rng.uniform(0.04, 0.07)), float(rng.uniform(0.2, 0.3)))
+        return LesionSpec(kind, float(rng.uniform(0.045, 0.07)), float(rng.uniform(0.3, 0.4)))
     if kind == "spiculated":
-        return LesionSpec(kind, float(rng.uniform(0.03, 0.05)), float(rng.uniform(0.2, 0.3)))
+        return LesionSpec(kind, float(rng.uniform(0.035, 0.05)), float(rng.uniform(0.3, 0.4)))
     if kind == "calcifications":
-        return LesionSpec(kind, float(rng.uniform(0.035, 0.055)), float(rng.uniform(0.5, 0.65)))
+        return LesionSpec(kind, float(rng.uniform(0.035, 0.055)), float(rng.uniform(0.6, 0.75)))
     raise ValueError(f"lesion kind {kind!r}: expected one of {', '.join(LESION_KINDS)}")
 
 
@@ -251,7 +251,7 @@ def _calcifications(
 ) -> np.ndarray:
     """A cluster of 8-24 tiny bright specks inside ``radius`` (0-1)."""
     canvas = np.zeros(shape, dtype=np.float32)
-    speck = max(1.0, 0.005 * shape[0])
+    speck = max(1.0, 0.006 * shape[0])
     for _ in range(rng.integers(8, 25)):
         distance = radius * np.sqrt(rng.uniform(0, 1))
         angle = rng.uniform(0, 2 * np.pi)
