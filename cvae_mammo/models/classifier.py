@@ -28,6 +28,7 @@ import pandas as pd
 from keras import ops
 
 from cvae_mammo.config import ConfigBase
+from cvae_mammo.errors import InputError
 
 #: Backbone name -> family. Every name is a ``keras.applications`` constructor.
 BACKBONES: dict[str, str] = {
@@ -320,7 +321,13 @@ def build_backbone(
     if BACKBONES[name] != "efficientnet":  # v1 EfficientNet always includes its rescaling
         kwargs["include_preprocessing"] = True
     if weights == "imagenet":
-        return constructor(**{**kwargs, "weights": "imagenet"})
+        try:
+            return constructor(**{**kwargs, "weights": "imagenet"})
+        except Exception as error:  # keras.utils.get_file raises a bare Exception offline
+            raise InputError(
+                f"{name}: cannot fetch the ImageNet weights ({error}); offline, pass a local "
+                "weights file (--weights PATH) or --weights none"
+            ) from error
     backbone = constructor(**kwargs)
     if weights is not None:
         if not Path(weights).is_file():
