@@ -60,8 +60,13 @@ def breast_mask(image: np.ndarray) -> np.ndarray:
     if mask.sum() < MIN_BREAST_FRACTION * height * width:
         raise ValueError(f"no breast region found (largest bright region is {mask.sum()} "
                          "pixels)")
-    # Give back the rim the opening shaved off, but only where the image is bright.
-    mask = cv2.dilate(mask.astype(np.uint8), kernel).astype(bool) & (binary > 0)
+    # Give back the rim the opening shaved off and the faint skin zone below the level:
+    # grow (a bounded distance) into pixels above the background noise.
+    below = gray[gray <= level]
+    noise = float(np.percentile(below, 90)) if below.size else background
+    loose = gray > min(level, max(background + 4.0, noise + 2.0))
+    grow = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * side + 1, 2 * side + 1))
+    mask = cv2.dilate(mask.astype(np.uint8), grow).astype(bool) & loose
     mask = ndimage.binary_fill_holes(mask).astype(np.uint8)
     # A small median filter smooths the noisy contour along the skin line (not the nipple).
     smooth = max(3, round(0.01 * min(height, width))) | 1
