@@ -263,7 +263,7 @@ def test_config_round_trip_and_validation(tmp_path) -> None:
 
 
 def test_grad_cam_maps_cover_the_image_and_follow_the_gradient() -> None:
-    from cvae_mammo.models.classifier import grad_cam
+    from cvae_mammo.classifier_predict import grad_cam
 
     config = _config(image_size=(64, 32), pooling="avg")
     model = build_classifier(config)

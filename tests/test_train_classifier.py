@@ -140,12 +140,11 @@ def test_cli_graph_mode_training(mias_dataset: Path, tmp_path: Path, capsys) -> 
 def test_predictor_scores_a_split_through_the_shared_predict_code(trained_run: Path,
                                                                   mias_dataset: Path,
                                                                   tmp_path: Path) -> None:
-    """ClassifierPredictor plugged into cvae_mammo.predict: scores_val.csv + Grad-CAM overlays."""
-    from cvae_mammo.models.classifier import ClassifierPredictor
-    from cvae_mammo.predict import PREDICTORS, predict_split, register_predictor
+    """cvae_mammo.predict scores a classifier run (scores_val.csv + Grad-CAM overlays)."""
+    from cvae_mammo.classifier_predict import ClassifierPredictor
+    from cvae_mammo.predict import load_predictor, predict_split
 
-    if "classifier" not in PREDICTORS:
-        register_predictor("classifier", ClassifierPredictor)
+    assert isinstance(load_predictor(trained_run), ClassifierPredictor)
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     scored = predict_split(run, mias_dataset, split="val", maps_dir=tmp_path / "maps")
