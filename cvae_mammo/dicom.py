@@ -112,9 +112,7 @@ class DicomImage:
             if self.transfer_syntax in JPEG2000_SYNTAXES and self._pillow_can_decode():
                 array = _decode_jpeg2000(self._frame(), level, self.j2k_precision)
             elif self.transfer_syntax in JPEG_LOSSLESS_SYNTAXES and self._unsigned():
-                import imagecodecs
-
-                array = imagecodecs.jpeg8_decode(self._frame())
+                array = _decode_jpeg_lossless(self._frame())
             elif self.transfer_syntax in JPEG_LS_SYNTAXES and self._unsigned():
                 import imagecodecs
 
@@ -201,7 +199,8 @@ def read_dicom(path: PathLike) -> DicomImage:
     except (AttributeError, TypeError, ValueError) as error:
         raise ImageReadError(source, f"image geometry missing ({error})", "read") from error
     levels, precision = 0, 0
-    if syntax in JPEG2000_SYNTAXES:
+    unsigned = int(dataset.get("PixelRepresentation", 0)) == 0
+    if syntax in JPEG2000_SYNTAXES and unsigned and bits_stored <= 16:
         try:
             frame = next(generate_frames(dataset.PixelData, number_of_frames=1))
             levels, precision = jpeg2000_header(frame)
@@ -269,6 +268,16 @@ def _decode_jpeg2000(frame: bytes, level: int, precision: int) -> np.ndarray:
         # Pillow scales 9-15 bit samples up to the full 16-bit range; undo it exactly.
         array = array >> (16 - precision)
     return array
+
+
+def _decode_jpeg_lossless(frame: bytes) -> np.ndarray:
+    """JPEG Lossless (process 14) with libjpeg-turbo, falling back to liblj92 (both imagecodecs)."""
+    import imagecodecs
+
+    try:
+        return imagecodecs.jpeg8_decode(frame)
+    except Exception:  # e.g. a stream libjpeg-turbo rejects; liblj92 reads most of those
+        return imagecodecs.ljpeg_decode(frame)
 
 
 def rescale(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
