@@ -132,6 +132,11 @@ def test_calibrate_cli_writes_threshold_json_used_by_predict(run_dir: Path, data
     assert threshold["method"] == "youden" and threshold["level"] == "image"
     assert threshold["counts"]["n_positive"] > 0 and threshold["counts"]["n_negative"] > 0
     assert (run_dir / "scores_val.csv").is_file()
+    scoring = json.loads((run_dir / "scoring.json").read_text())
+    mean, std = scoring["reference"]["topk"]  # standardised on the val normals
+    val = pd.read_csv(run_dir / "scores_val.csv")
+    np.testing.assert_allclose(val["score"], (val["topk"] - mean) / std, rtol=1e-6)
+    assert abs(val.loc[val["label"] == 0, "score"].mean()) < 1e-6
 
     scored = predict_split(run_dir, dataset, "test", write=False)
     np.testing.assert_array_equal(scored["pred_label"],

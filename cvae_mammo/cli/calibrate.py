@@ -34,13 +34,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def calibrate_run(run_dir: str, data_dir: str, split: str = "val", method: str = "f1",
                   level: str = "image", aggregation: str = "mean", seed: int = 0) -> Calibration:
-    """Score ``split`` with the run and save ``threshold.json``; returns the Calibration."""
+    """Score ``split`` with the run and save ``threshold.json``; returns the Calibration.
+
+    For anomaly-score runs the pooled scores of the split's normal images first set the
+    standardisation (``reference``) saved in ``scoring.json``, so combined and
+    contralateral scores are on a common scale before the threshold is chosen.
+    """
     from pathlib import Path
 
     from cvae_mammo.calibration import calibrate
-    from cvae_mammo.predict import THRESHOLD_FILE, predict_split
+    from cvae_mammo.fileio import atomic_write_csv
+    from cvae_mammo.predict import THRESHOLD_FILE, load_scoring, predict_split
+    from cvae_mammo.scoring import SCORE_NAMES, SCORING_FILE, final_scores, fit_reference
 
     scores = predict_split(run_dir, data_dir, split)
+    if all(name in scores for name in SCORE_NAMES):
+        normals = scores[scores["label"] == 0]
+        scoring = load_scoring(run_dir)
+        scoring.reference = fit_reference(normals if len(normals) > 1 else scores)
+        scoring.save(Path(run_dir) / SCORING_FILE)
+        scores["score"] = final_scores(scores, scoring).to_numpy(float)
+        atomic_write_csv(Path(run_dir) / f"scores_{split}.csv", scores)
     calibration = calibrate(scores, method=method, level=level, aggregation=aggregation,
                             split=split, seed=seed)
     calibration.save(Path(run_dir) / THRESHOLD_FILE)
