@@ -74,16 +74,31 @@ def measure(backbone: str, images: np.ndarray, steps: int, rounds: int, precisio
     return {"first_step_s": first, "images_per_s": best, "params_m": model.count_params() / 1e6}
 
 
-def report(title: str, results: dict[str, dict[str, float]]) -> None:
-    """Print one table with the ratio to the reference backbone."""
+def header(title: str) -> None:
+    """Print a table title and column names."""
     print(f"\n{title}")
     print(f"{'backbone':<18}{'params (M)':>11}{'first step (s)':>16}{'train img/s':>13}"
-          f"{'x ' + REFERENCE:>20}")
-    reference = results.get(REFERENCE, {}).get("images_per_s")
-    for name, row in results.items():
-        ratio = f"{row['images_per_s'] / reference:.2f}" if reference else "n/a"
-        print(f"{name:<18}{row['params_m']:>11.1f}{row['first_step_s']:>16.1f}"
-              f"{row['images_per_s']:>13.2f}{ratio:>20}")
+          f"{'x ' + REFERENCE:>20}", flush=True)
+
+
+def row(name: str, result: dict[str, float], reference: float | None) -> None:
+    """Print one backbone's figures as soon as they are measured (ratio when known)."""
+    ratio = f"{result['images_per_s'] / reference:.2f}" if reference else "n/a"
+    print(f"{name:<18}{result['params_m']:>11.1f}{result['first_step_s']:>16.1f}"
+          f"{result['images_per_s']:>13.2f}{ratio:>20}", flush=True)
+
+
+def run_table(title: str, backbones: list[str], images: np.ndarray, steps: int, rounds: int,
+              precision: str, jit: bool) -> None:
+    """Measure the reference first, then the others, printing each row as it completes."""
+    header(title)
+    order = sorted(backbones, key=lambda name: name != REFERENCE)
+    reference = None
+    for name in order:
+        result = measure(name, images, steps, rounds, precision, jit)
+        if name == REFERENCE:
+            reference = result["images_per_s"]
+        row(name, result, reference)
 
 
 def main() -> None:
@@ -107,20 +122,19 @@ def main() -> None:
     size = parse_image_size(args.size)
     images, origin = load_images(args.batch_size, size)
     print(f"images: {origin}; batch {args.batch_size}; {args.steps} steps x {args.rounds} rounds; "
-          f"CPU cores visible: {len(os.sched_getaffinity(0))}")
+          f"CPU cores visible: {len(os.sched_getaffinity(0))} (shared with other jobs: "
+          f"load average {os.getloadavg()[0]:.1f})", flush=True)
     with tf.device("/CPU:0"):
-        cpu = {b: measure(b, images, args.steps, args.rounds, "float32", jit=False)
-               for b in backbones}
-    report(f"CPU, float32, {args.size}, graph mode (no XLA), backbone unfrozen", cpu)
+        run_table(f"CPU, float32, {args.size}, graph mode (no XLA), backbone unfrozen",
+                  backbones, images, args.steps, args.rounds, "float32", jit=False)
     if not gpus:
         print(f"\nGPU {args.gpu_size} mixed precision: no GPU visible on this machine; skipped.")
         return
     gpu_size = parse_image_size(args.gpu_size)
     gpu_images, _ = load_images(args.gpu_batch_size, gpu_size)
-    gpu = {b: measure(b, gpu_images, max(args.steps, 10), args.rounds, "mixed", jit=True)
-           for b in backbones}
-    report(f"GPU ({gpus[0].name}), mixed_float16 + XLA, {args.gpu_size}, batch "
-           f"{args.gpu_batch_size}", gpu)
+    run_table(f"GPU ({gpus[0].name}), mixed_float16 + XLA, {args.gpu_size}, batch "
+              f"{args.gpu_batch_size}", backbones, gpu_images, max(args.steps, 10), args.rounds,
+              "mixed", jit=True)
 
 
 if __name__ == "__main__":
