@@ -260,3 +260,29 @@ def test_finished_set_is_reused_and_a_different_one_refused(phantom_set):
     with pytest.raises(FileExistsError, match="dicom"):
         make_phantom_dataset(phantom_set.root, n_patients=3, size=(192, 156), seed=4,
                              progress=False)
+
+
+def test_lesion_masks_follow_the_preprocessing_crop_and_flip(phantom_set, tmp_path):
+    import pandas as pd
+
+    from cvae_mammo.imageio import read_grayscale
+    from cvae_mammo.preprocess import PreprocessConfig, preprocess_dataset
+    from cvae_mammo.synthetic.dataset import lesion_masks_in_dataset
+
+    dataset = tmp_path / "dataset"
+    preprocess_dataset(phantom_set.dicom_dir, dataset, PreprocessConfig(image_size=(128, 64)),
+                       metadata=phantom_set.metadata_csv, workers=1, progress=False)
+    folder = lesion_masks_in_dataset(phantom_set, dataset)
+    manifest = pd.read_csv(dataset / "manifest.csv", dtype={"image_id": str})
+    positives = manifest[manifest["label"] == 1]
+    assert sorted(p.stem for p in folder.glob("*.png")) == sorted(positives["image_id"])
+    assert positives["flipped"].astype(bool).any()  # R breasts: the flip is exercised
+    for row in positives.itertuples():
+        image = read_grayscale(dataset / row.path).astype(float) / 255
+        mask = read_grayscale(folder / f"{row.image_id}.png") > 127
+        assert mask.shape == image.shape == (128, 64)
+        ring = cv2.dilate(mask.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool) & ~mask
+        ring &= image > 0.1
+        assert image[mask].max() > image[ring].mean() + 0.1
+        # brighter where the mask says than in its mirror image (a wrong flip would swap them)
+        assert image[mask].mean() > image[mask[:, ::-1]].mean() + 0.03

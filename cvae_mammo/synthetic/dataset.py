@@ -291,3 +291,38 @@ def _finished(root: Path, options: dict[str, object]) -> PhantomDataset | None:
         n_patients=int(written["n_patients"]), n_images=int(written["n_images"]),
         n_positive_images=int(written["n_positive_images"]),
     )
+
+
+def lesion_masks_in_dataset(phantoms: PhantomDataset, dataset_dir: PathLike) -> Path:
+    """Map the lesion masks into a preprocessed dataset's geometry, for checking anomaly maps.
+
+    Uses each image's provenance in ``dataset_dir/manifest.csv`` (crop box in
+    original pixels, flip, output size) and writes
+    ``dataset_dir/lesion_masks/<image_id>.png`` (0/255, the size of the
+    preprocessed image) for every positive image; returns that folder. Only
+    the default ``stretch`` resize is supported.
+    """
+    import cv2
+
+    from cvae_mammo.imageio import read_grayscale
+
+    dataset_dir = Path(dataset_dir)
+    manifest = pd.read_csv(dataset_dir / "manifest.csv", dtype={"image_id": str})
+    settings = read_json(dataset_dir / "preprocess.json")["config"]
+    if settings.get("resize", "stretch") != "stretch":
+        raise ValueError(f"{dataset_dir}: lesion masks need resize='stretch' preprocessing")
+    height, width = settings["image_size"]
+    lesions = pd.read_csv(phantoms.lesions_csv, dtype={"image_id": str})
+    out = dataset_dir / "lesion_masks"
+    rows = manifest.set_index("image_id")
+    for image_id, mask_path in lesions.drop_duplicates("image_id")[["image_id", "mask_path"]].values:
+        if image_id not in rows.index:
+            continue  # the image failed preprocessing (see failures.csv)
+        row = rows.loc[image_id]
+        mask = read_grayscale(phantoms.root / mask_path)
+        crop = mask[int(row["crop_y0"]) : int(row["crop_y1"]), int(row["crop_x0"]) : int(row["crop_x1"])]
+        resized = cv2.resize(crop, (width, height), interpolation=cv2.INTER_AREA) >= 128
+        if str(row["flipped"]).strip().lower() in {"1", "true"}:
+            resized = resized[:, ::-1]
+        write_png(out / f"{image_id}.png", np.ascontiguousarray(resized, dtype=np.uint8) * 255)
+    return out
