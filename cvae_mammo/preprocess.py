@@ -686,27 +686,36 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-def _run_workers(paths: list[tuple[str, str, str]], init_args: tuple[Any, ...], workers: int,
+def _run_workers(tasks: list[tuple[str, str, str]], init_args: tuple[Any, ...], workers: int,
                  progress: bool) -> list[dict[str, Any]]:
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
     from tqdm import tqdm
 
-    results: list[dict[str, Any]] = []
-    bar = tqdm(total=len(paths), unit="img", desc="preprocess", disable=not progress,
+    results: dict[int, dict[str, Any]] = {}
+    bar = tqdm(total=len(tasks), unit="img", desc="preprocess", disable=not progress,
                dynamic_ncols=True, smoothing=0.1)
     try:
-        if workers <= 1 or len(paths) <= 1:
-            _init_worker(*init_args[:-1], single_thread=False)
-            for path in paths:
-                results.append(_work(path))
+        if workers > 1 and len(tasks) > 1:
+            try:
+                with ProcessPoolExecutor(workers, mp_context=_pool_context(),
+                                         initializer=_init_worker, initargs=init_args) as pool:
+                    futures = {pool.submit(_work, task): i for i, task in enumerate(tasks)}
+                    for future in as_completed(futures):
+                        results[futures[future]] = future.result()
+                        bar.update()
+            except BrokenProcessPool as error:
+                # e.g. a __main__ that worker processes cannot import (code read from stdin)
+                log.warning("worker processes failed (%s); finishing in this process", error)
+        _init_worker(*init_args[:-1], single_thread=False)
+        for index, task in enumerate(tasks):
+            if index not in results:
+                results[index] = _work(task)
                 bar.update()
-        else:
-            with _pool_context().Pool(workers, _init_worker, init_args) as pool:
-                for result in pool.imap_unordered(_work, paths, chunksize=1):
-                    results.append(result)
-                    bar.update()
     finally:
         bar.close()
-    return results
+    return [results[index] for index in range(len(tasks))]
 
 
 def _gather_other_shards(out_dir: Path, sources: set[str], have: set[str]) -> list[dict]:
