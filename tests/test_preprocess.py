@@ -259,3 +259,21 @@ def test_keep_aspect_16_bit_and_pectoral(mias_dir: Path, tmp_path: Path) -> None
     assert row["pectoral_removed"] == 1
     # The masked wedge leaves the top-left corner dark.
     assert image[:4, :4].max() == 0
+
+
+def test_workers_fall_back_when_main_cannot_be_reimported(tmp_path: Path) -> None:
+    # Code piped to python on stdin has a __main__ that worker processes cannot import;
+    # the run must finish in-process instead of respawning dead workers forever.
+    pixels, _ = breast_phantom()
+    for image in ("1", "2"):
+        write_mammogram_dicom(tmp_path / "in" / "5" / f"{image}.dcm", pixels,
+                              window=(2048, 4096))
+    code = (
+        "from cvae_mammo.preprocess import PreprocessConfig, preprocess_dataset\n"
+        f"s = preprocess_dataset([{str(tmp_path / 'in')!r}], {str(tmp_path / 'out')!r}, "
+        "PreprocessConfig(image_size=(64, 32)), workers=2, progress=False)\n"
+        "assert s.processed == 2, s\n"
+    )
+    subprocess.run([sys.executable, "-"], input=code, text=True, check=True, timeout=300,
+                   capture_output=True)
+    assert len(pd.read_csv(tmp_path / "out" / "manifest.csv")) == 2
