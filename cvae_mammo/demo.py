@@ -4,6 +4,7 @@ Stages, each through the same Python function its CLI subcommand calls::
 
     phantoms        cvae_mammo.synthetic.dataset.make_phantom_dataset  -> OUT/phantoms/
     preprocess      cvae_mammo.preprocess.preprocess_dataset           -> OUT/dataset/
+                    (+ lesion masks in its geometry                  -> OUT/dataset/lesion_masks/)
     split           cvae_mammo.splits.make_splits + write_splits       -> OUT/dataset/splits.csv
     fit-cvae        cvae_mammo.train_cvae.fit_cvae                     -> OUT/runs/cvae/
     calibrate       cvae_mammo.cli.calibrate.calibrate_run (val)       -> OUT/runs/cvae/threshold.json
@@ -138,11 +139,13 @@ def _fit_classifier(dataset_dir: Path, run_dir: Path, size: tuple[int, int],
     from cvae_mammo.models.classifier import ClassifierConfig
     from cvae_mammo.train_classifier import fit_classifier
 
-    # no ImageNet download: the demo must run offline, so the backbone starts from random weights
+    # No ImageNet download (the demo runs offline), so the backbone starts from random weights
+    # and, trained for a few epochs on a few hundred images, stays near chance. Eager mode:
+    # graph-compiling EfficientNet costs minutes on a CPU, more than the training itself.
     config = ClassifierConfig(backbone=options.classifier_backbone, weights=None, image_size=size,
                               epochs=options.classifier_epochs, freeze_epochs=0, batch_size=8,
                               learning_rate=1e-3, patience=options.classifier_epochs, seed=seed)
-    return fit_classifier(dataset_dir, run_dir, config=config, seed=seed,
+    return fit_classifier(dataset_dir, run_dir, config=config, seed=seed, run_eagerly=True,
                           resume=(run_dir / "config.json").is_file(),
                           command=["cvae_mammo.demo.run_demo"])
 
@@ -206,6 +209,10 @@ def run_demo(
                          PreprocessConfig(image_size=size), metadata=phantoms.metadata_csv,
                          workers=min(2, os.cpu_count() or 1), progress=progress)
     echo(f"    {summary.line()}")
+    from cvae_mammo.synthetic.dataset import lesion_masks_in_dataset
+
+    masks = lesion_masks_in_dataset(phantoms, dataset_dir)
+    echo(f"    lesion masks in the preprocessed geometry (to check the maps) -> {masks}")
     stages.run("split", _split, dataset_dir, seed)
 
     from cvae_mammo.cli.calibrate import calibrate_run
