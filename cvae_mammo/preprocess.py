@@ -157,13 +157,20 @@ class _Decoded:
     dicom: DicomImage | None
     window: WindowChoice | None = None
 
-    def display(self, stored: np.ndarray) -> np.ndarray:
-        """Float32 display values in [0, 1], tissue bright, of (a crop of) stored pixels."""
+    def modality(self, stored: np.ndarray) -> np.ndarray:
+        """Float32 values before the display mapping (DICOM: rescaled; images: in [0, 1])."""
         if self.dicom is None:
             top = 255.0 if stored.dtype == np.uint8 else 65535.0
             return stored.astype(np.float32) * np.float32(1.0 / top)
-        values = rescale(stored, self.dicom.slope, self.dicom.intercept)
-        return self.window.apply(values, self.dicom)
+        return rescale(stored, self.dicom.slope, self.dicom.intercept)
+
+    def to_display(self, values: np.ndarray) -> np.ndarray:
+        """Display values in [0, 1], tissue bright (VOI LUT, MONOCHROME1 inverted)."""
+        return values if self.dicom is None else self.window.apply(values, self.dicom)
+
+    def display(self, stored: np.ndarray) -> np.ndarray:
+        """Display values of (a crop of) stored pixels."""
+        return self.to_display(self.modality(stored))
 
 
 def _open(path: Path, config: PreprocessConfig) -> _Decoded:
@@ -327,7 +334,7 @@ def preprocess_image(path: PathLike, config: PreprocessConfig | None = None, *,
         if needed < level:  # a small breast: the crop needs a finer level than the image
             stored, level = dicom.decode_best(needed)
     level_box = _scale_box(box, full_shape, stored.shape)
-    crop = decoded.display(stored[level_box[1] : level_box[3], level_box[0] : level_box[2]])
+    crop = decoded.modality(stored[level_box[1] : level_box[3], level_box[0] : level_box[2]])
     view = (dicom.view if dicom else "") if view is None else view
     flipped = region.chest_wall_right
     thumb_mask = region.mask[region.box[1] : region.box[3], region.box[0] : region.box[2]]
@@ -338,11 +345,13 @@ def preprocess_image(path: PathLike, config: PreprocessConfig | None = None, *,
         pectoral = mirror(pectoral_mask(mirror(thumb_crop), mirror(thumb_mask)))
         pectoral_removed = bool(pectoral.any())
         thumb_mask = thumb_mask & ~pectoral
-    if config.mask_background or pectoral_removed:
-        crop = crop * _upsample_mask(thumb_mask, crop.shape, grow=not pectoral_removed)
     full_size = (box[3] - box[1], box[2] - box[0])
     shape = _output_shape(*full_size, config)
-    resampled = _resample(np.ascontiguousarray(crop, dtype=np.float32), level, full_size, shape)
+    # Resample the modality values first, then window: the display mapping and the mask
+    # then run on output-sized arrays only.
+    resampled = decoded.to_display(_resample(crop, level, full_size, shape))
+    if config.mask_background or pectoral_removed:
+        resampled *= _upsample_mask(thumb_mask, shape, grow=not pectoral_removed)
     if flipped:
         resampled = resampled[:, ::-1]
     output = _quantise(_place(resampled, config), config.bits)
