@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -76,7 +77,8 @@ def prepare_run_dir(out_dir: PathLike, config: dict[str, Any], resume: bool = Fa
 
     Raises :class:`FileExistsError` when the folder already holds a run (or
     other files) and ``resume`` is false, and :class:`InputError` when
-    resuming with a different model type, image size, model or conditioning.
+    resuming with a different model type, image size, normalisation, model
+    or conditioning; the ``training`` section may differ and is rewritten.
     """
     run_dir = Path(out_dir)
     config_path = run_dir / CONFIG_NAME
@@ -86,11 +88,13 @@ def prepare_run_dir(out_dir: PathLike, config: dict[str, Any], resume: bool = Fa
                 f"{run_dir}: already holds a run ({CONFIG_NAME} exists); pass --resume to "
                 "continue it or choose another --out")
         saved = read_json(config_path)
-        for key in ("model_type", "image_size", "model", "conditioning"):
-            if saved.get(key) != config.get(key):
+        wanted = json.loads(json.dumps(config))  # tuples -> lists, as saved
+        for key in ("model_type", "image_size", "normalisation", "model", "conditioning"):
+            if saved.get(key) != wanted.get(key):
                 raise InputError(
                     f"{config_path}: cannot resume, '{key}' differs from this run's "
-                    f"(saved {saved.get(key)!r}, now {config.get(key)!r})")
+                    f"(saved {saved.get(key)!r}, now {wanted.get(key)!r})")
+        atomic_write_json(config_path, config)  # the training section may change (e.g. epochs)
         return run_dir
     if resume:
         raise InputError(f"{run_dir}: nothing to resume ({CONFIG_NAME} not found)")

@@ -17,7 +17,6 @@ load it with ``cvae_mammo.runs.load_run_model(run_dir)``.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import sys
@@ -93,12 +92,15 @@ def cvae_pipelines(
     encoder: MetadataEncoder | None,
     seed: int,
 ) -> tuple[tf.data.Dataset, tf.data.Dataset | None]:
-    """Training (shuffled, augmented, asserted negative-only) and validation pipelines."""
+    """Training (shuffled, augmented, full batches, asserted negative-only) and validation pipelines."""
     train, val = training_frames(dataset)
     common = {"image_size": config.image_size, "batch_size": config.batch_size,
               "conditioning": encoder}
+    # Full batches only: steadier batch-norm statistics, and one static training shape
+    # (TF 2.21's oneDNN kernels crashed on a ragged last batch of some small models).
     train_ds = build_pipeline(train, dataset.root, augment=config.augment, shuffle=True,
-                              seed=seed, **common).map(_negatives_only)
+                              seed=seed, drop_remainder=len(train) >= config.batch_size,
+                              **common).map(_negatives_only)
     val_ds = None if val.empty else build_pipeline(val, dataset.root, seed=seed, **common)
     return train_ds, val_ds
 
@@ -190,17 +192,16 @@ def fit_cvae(
     dataset = MammoDataset.open(data_dir)
     encoder = dataset.encoder(cfg.conditioning) if cfg.conditioning else None
     cfg = cfg.replace(condition_dim=encoder.dim if encoder is not None else 0)
-    training = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "seed": seed,
-                "precision": precision, "dtype_policy": policy, "xla": str(xla),
-                "augment": cfg.augment, "train": "train split, label 0",
-                "validation": "val split, label 0"}
-    payload = run_config("cvae", cfg.image_size, cfg.to_dict(), training, encoder)
+    model_options, training = cfg.split()
+    training.update(seed=seed, precision=precision, dtype_policy=policy, xla=str(xla),
+                    train="train split, label 0", validation="val split, label 0")
+    payload = run_config("cvae", cfg.image_size, model_options, training, encoder)
     run_dir = prepare_run_dir(out_dir, payload, resume=resume)
     write_run_metadata(run_dir, data_dir, seed, command if command is not None else sys.argv)
 
     train_frame, val_frame = training_frames(dataset)
     train_ds, val_ds = cvae_pipelines(dataset, cfg, encoder, seed)
-    steps = math.ceil(len(train_frame) / cfg.batch_size)
+    steps = max(1, len(train_frame) // cfg.batch_size)
     LOGGER.info("fit-cvae: %d train negatives, %d val negatives, %s, %d steps/epoch, run %s",
                 len(train_frame), len(val_frame), "x".join(map(str, cfg.image_size)), steps,
                 run_dir)

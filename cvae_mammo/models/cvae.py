@@ -48,11 +48,16 @@ from cvae_mammo.losses import (
     kl_per_image,
     masked_reconstruction_nll,
 )
-from cvae_mammo.models.layers import PACKAGE, ResidualBlock, UpBlock
+from cvae_mammo.models.layers import BN_MOMENTUM, PACKAGE, ResidualBlock, UpBlock
 
 tfd = tfp.distributions
 
 LATENT_KINDS: tuple[str, ...] = ("spatial", "dense")
+#: CVAEConfig fields that only steer training (free to change on --resume).
+TRAINING_FIELDS: tuple[str, ...] = (
+    "epochs", "batch_size", "learning_rate", "weight_decay", "clipnorm", "warmup_epochs",
+    "early_stopping_patience", "recon_every", "recon_images", "augment",
+)
 
 
 @dataclasses.dataclass
@@ -116,6 +121,12 @@ class CVAEConfig(ConfigBase):
         values.update(changes)
         return cls(**values)
 
+    def split(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(model and loss options, training-only options) as two dictionaries."""
+        values = self.to_dict()
+        training = {key: values.pop(key) for key in TRAINING_FIELDS}
+        return values, training
+
     @property
     def total_stride(self) -> int:
         """Factor by which the encoder shrinks each side."""
@@ -159,7 +170,7 @@ class ConvVAE(keras.Model):
                     width, strides=2 if index == 0 else 1, activation=act,
                     conditioned=self.conditioned, name=f"enc_{stage}_{index}",
                 ))
-        self.head_norm = keras.layers.BatchNormalization(name="head_bn")
+        self.head_norm = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name="head_bn")
         self.act = keras.layers.Activation(act)
         if cfg.latent == "spatial":
             self.posterior_head = keras.layers.Conv2D(
@@ -185,7 +196,7 @@ class ConvVAE(keras.Model):
                 self.decoder_blocks.append(ResidualBlock(
                     width, activation=act, conditioned=self.conditioned,
                     name=f"dec_{stage}_{index}"))
-        self.out_norm = keras.layers.BatchNormalization(name="out_bn")
+        self.out_norm = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name="out_bn")
         self.output_conv = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid",
                                                dtype="float32", name="output")
         self.loss_tracker = keras.metrics.Mean(name="loss")

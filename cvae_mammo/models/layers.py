@@ -19,6 +19,8 @@ from typing import Any
 import keras
 
 PACKAGE = "cvae_mammo"
+#: Batch-norm momentum: 0.9 so moving statistics settle within an epoch of a small dataset.
+BN_MOMENTUM = 0.9
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -59,11 +61,11 @@ class ResidualBlock(keras.layers.Layer):
         self.strides = int(strides)
         self.activation_name = activation
         self.conditioned = bool(conditioned)
-        self.norm1 = keras.layers.BatchNormalization(name="bn1")
+        self.norm1 = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name="bn1")
         self.conv1 = keras.layers.Conv2D(
             self.filters, 3, strides=self.strides, padding="same", use_bias=False, name="conv1"
         )
-        self.norm2 = keras.layers.BatchNormalization(name="bn2")
+        self.norm2 = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name="bn2")
         self.conv2 = keras.layers.Conv2D(self.filters, 3, padding="same", name="conv2")
         self.act = keras.layers.Activation(activation)
         self.film = FiLM(name="film") if self.conditioned else None
@@ -111,7 +113,7 @@ class UpBlock(keras.layers.Layer):
         self.filters = int(filters)
         self.activation_name = activation
         self.conditioned = bool(conditioned)
-        self.norm = keras.layers.BatchNormalization(name="bn")
+        self.norm = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name="bn")
         self.act = keras.layers.Activation(activation)
         self.upsample = keras.layers.Conv2DTranspose(
             self.filters, 4, strides=2, padding="same", name="upsample"
