@@ -189,13 +189,15 @@ def option_scores(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def default_scores(table: pd.DataFrame, config: ScoringConfig) -> pd.Series:
-    """The library default scorer on the CVAE's pooled scores of ``config.map_kind``."""
+    """``config`` on the CVAE's pooled scores, standardised on the val normals (as calibrate)."""
     pooled = pd.DataFrame({
         "patient_id": table["patient_id"], "laterality": table["laterality"],
         "mean": table[f"cvae_{config.map_kind}_mean"],
         "topk": table[f"cvae_{config.map_kind}_topk"],
         "max": table[f"cvae_{config.map_kind}_max"], "neg_elbo": table["cvae_neg_elbo"],
     })
+    normals = pooled[(table["split"] == "val") & (table["label"] == 0)]
+    config = config.replace(reference=fit_reference(normals, tuple(config.weights)))
     out = pd.Series(np.nan, index=table.index)
     for _, part in pooled.groupby(table["split"]):
         out[part.index] = final_scores(part, config)
@@ -278,11 +280,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> tuple[pd.DataFrame, dict]:
     train_seconds = time.perf_counter() - started
     table, kept = score_table(run_dir, data, manifest, splits, args.top_percent)
     scores = option_scores(table)
-    default = ScoringConfig()
-    normals = table[(table["split"] == "val") & (table["label"] == 0)]
-    default = default.replace(reference=fit_reference(pd.DataFrame({
-        "topk": normals[f"cvae_{default.map_kind}_topk"]})))
-    scores["DEFAULT (ScoringConfig())"] = default_scores(table, default)
+    scores["DEFAULT (ScoringConfig())"] = default_scores(table, ScoringConfig())
     aucs = auc_rows(table, scores)
     val_rows = table["split"] == "val"
     calib = calibrate(table[val_rows].assign(score=scores.loc[val_rows, "DEFAULT (ScoringConfig())"],

@@ -45,6 +45,11 @@ class ScoringConfig(ConfigBase):
     score ``s`` of an image becomes ``s - contralateral_weight * s_other`` where
     ``s_other`` is the mean own score of the other breast of the same woman, or 0 (the
     expected standardised score of a normal breast) when there is no other breast.
+
+    Defaults (L1 map, mean inside the breast, minus the other breast's) were the most
+    consistent option on held-out mini-MIAS women (benchmarks/eval_mias.py): top-k and
+    max pooling follow the pectoral muscle and skin edge, which the CVAE reconstructs
+    worst, rather than lesions.
     """
 
     map_kind: str = "l1"
@@ -52,9 +57,9 @@ class ScoringConfig(ConfigBase):
     ssim_mix: float = 0.5
     smooth_sigma: float = 2.0
     top_percent: float = 1.0
-    weights: dict[str, float] = dataclasses.field(default_factory=lambda: {"topk": 1.0})
+    weights: dict[str, float] = dataclasses.field(default_factory=lambda: {"mean": 1.0})
     reference: dict[str, list[float]] = dataclasses.field(default_factory=dict)
-    contralateral_weight: float = 0.0
+    contralateral_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.map_kind not in MAP_KINDS:

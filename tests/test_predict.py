@@ -124,7 +124,9 @@ def test_contralateral_scoring_from_scoring_json(run_dir: Path, dataset: Path) -
 def test_calibrate_cli_writes_threshold_json_used_by_predict(run_dir: Path, dataset: Path) -> None:
     from cvae_mammo.cli import main
     from cvae_mammo.predict import predict_split
+    from cvae_mammo.scoring import ScoringConfig
 
+    ScoringConfig(weights={"topk": 1.0}, contralateral_weight=0.0).save(run_dir / "scoring.json")
     status = main(["calibrate", "--run", str(run_dir), "--data", str(dataset),
                    "--method", "youden"])
     assert status == 0
