@@ -24,6 +24,9 @@ Inference API (used by scoring)::
     recon = model.reconstruct(images)            # [B,H,W,1] float32 in [0, 1]
     terms = model.elbo_terms(images)             # dict of [B] float arrays
 
+A mini-MIAS model trained on CPU (256x128, train-patient normals) is at
+``/work/runs/mias_cvae`` on the team machine (not in the repository).
+
 ``images`` are float ``[B, H, W, 1]`` (or ``[B, H, W]``) in ``[0, 1]``;
 ``condition`` is ``[B, condition_dim]`` from the run's fitted metadata
 encoder when the run was trained with conditioning, else None.
