@@ -8,12 +8,50 @@ is used.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 from cvae_mammo._version import __version__
 
+# TensorFlow 2.21's oneDNN CPU kernels crash (SIGSEGV / invalid pointer in
+# conv2d_backprop_filter) when training these models on some batch shapes. The
+# variable is read when TensorFlow is first imported, which in this package
+# always comes after this line; set it to 1 yourself to opt back in.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
 #: public name -> module that defines it
-_EXPORTS: dict[str, str] = {}
+_EXPORTS: dict[str, str] = {
+    # preprocessing (never loads TensorFlow)
+    "PreprocessConfig": "cvae_mammo.preprocess",
+    "preprocess_dataset": "cvae_mammo.preprocess",
+    "read_dicom": "cvae_mammo.dicom",
+    # data module
+    "make_splits": "cvae_mammo.splits",
+    "MammoDataset": "cvae_mammo.data",
+    "build_pipeline": "cvae_mammo.data",
+    "MetadataEncoder": "cvae_mammo.metadata",
+    # models and training
+    "CVAEConfig": "cvae_mammo.models.cvae",
+    "build_cvae": "cvae_mammo.models.cvae",
+    "fit_cvae": "cvae_mammo.train_cvae",
+    "ClassifierConfig": "cvae_mammo.models.classifier",
+    "build_classifier": "cvae_mammo.models.classifier",
+    "fit_classifier": "cvae_mammo.train_classifier",
+    "load_run_model": "cvae_mammo.runs",
+    # scoring, calibration, evaluation
+    "ScoringConfig": "cvae_mammo.scoring",
+    "predict_split": "cvae_mammo.predict",
+    "predict_images": "cvae_mammo.predict",
+    "Calibration": "cvae_mammo.calibration",
+    "calibrate": "cvae_mammo.calibration",
+    "aggregate_breasts": "cvae_mammo.aggregate",
+    "roc_auc": "cvae_mammo.metrics",
+    "probabilistic_f1": "cvae_mammo.metrics",
+    "write_report": "cvae_mammo.report",
+    # demo data
+    "make_phantom_dataset": "cvae_mammo.synthetic.dataset",
+    "run_demo": "cvae_mammo.demo",
+}
 
 __all__ = ["__version__", *_EXPORTS]
 

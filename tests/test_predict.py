@@ -14,10 +14,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-# oneDNN's CPU conv2d backprop aborts on this project's CI machine (munmap_chunk / SIGSEGV
-# in conv2d_backprop_filter); the plain Eigen kernels train the same model fine.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
 from cvae_mammo.predict import SCORE_COLUMNS
 
 SIZE = (64, 32)

@@ -186,7 +186,6 @@ def test_write_report_checks_its_inputs(setup, tmp_path):
 @pytest.mark.shared_data
 def test_report_scores_real_runs_without_scores_files(mias_dataset_factory, tmp_path):
     """A real tiny CVAE on mini-MIAS, calibrated two ways: report calls predict for the test split."""
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     from cvae_mammo.models.cvae import CVAEConfig
     from cvae_mammo.train_cvae import fit_cvae
 
