@@ -259,6 +259,8 @@ def f1_figure(runs: Sequence[tuple[str, LevelScores, dict[str, Any]]], level: st
             axis.axvline(data.threshold, color="#2ca02c", linewidth=2,
                          label=f"calibrated t={data.threshold:.3g}, F1 {f1_here:.3f}")
         axis.set(xlabel="threshold (raw score)", ylim=(0, 1.02), title=f"{name} ({level})")
+        axis.ticklabel_format(axis="x", style="plain", useOffset=False)  # no "1e-6+c" offset text
+        axis.locator_params(axis="x", nbins=4)
         axis.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
         axis.grid(alpha=0.3)
     figure.suptitle(f"F1 against the threshold, {level} level", fontsize=11)
