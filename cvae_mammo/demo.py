@@ -224,7 +224,7 @@ def run_demo(
         stage = "fit-cvae" if name == "CVAE" else "fit-classifier"
         stages.run(stage, fits[name], dataset_dir, run_dir, size, options, seed)
         calibration = stages.run(f"calibrate {name}", calibrate_run, str(run_dir),
-                                 str(dataset_dir), "val", seed=seed)
+                                 str(dataset_dir), "val", seed=seed, select_score=True)
         echo(f"    threshold {calibration.value:.4g} ({calibration.method_used}) on "
              f"{calibration.counts}")
     maps = {name: run_dir / "maps_test" for name, run_dir in run_dirs.items()}

@@ -252,3 +252,27 @@ def final_scores(scores: pd.DataFrame, config: ScoringConfig) -> pd.Series:
 def score_options(scores: pd.DataFrame, mapping: Mapping[str, ScoringConfig]) -> pd.DataFrame:
     """One column of :func:`final_scores` per named config (for benchmarks and reports)."""
     return pd.DataFrame({name: final_scores(scores, cfg) for name, cfg in mapping.items()})
+
+
+def select_scoring(scores: pd.DataFrame, config: ScoringConfig) -> tuple[ScoringConfig, dict[str, float]]:
+    """The single pooled score and contralateral setting with the best ROC-AUC on ``scores``.
+
+    ``scores`` must be a calibration split (validation patients) with 0/1 ``label``
+    and the pooled columns of :data:`SCORE_NAMES`; ``config`` supplies the map and
+    the normal-image ``reference``. Candidates are each pooled score alone, with and
+    without subtracting the other breast's; the first best in that order wins.
+    Returns the chosen config and every candidate's AUC (``"topk"``,
+    ``"topk-contra"``, ...), for the log and the run folder.
+    """
+    from cvae_mammo.metrics import roc_auc
+
+    labelled = scores[scores["label"].isin([0, 1])]
+    candidates = {}
+    for name in SCORE_NAMES:
+        for contra in (0.0, 1.0):
+            key = f"{name}-contra" if contra else name
+            candidates[key] = config.replace(weights={name: 1.0}, contralateral_weight=contra)
+    aucs = {key: roc_auc(labelled["label"], final_scores(labelled, candidate))
+            for key, candidate in candidates.items()}
+    best = max(aucs, key=aucs.get)
+    return candidates[best], aucs

@@ -15,6 +15,7 @@ from cvae_mammo.scoring import (
     fit_reference,
     image_scores,
     partner_indices,
+    select_scoring,
     smooth_in_mask,
     ssim_map,
     top_percent_mean,
@@ -149,3 +150,25 @@ def test_final_scores_standardise_combine_and_subtract_the_other_breast() -> Non
     np.testing.assert_allclose(combine_scores(scores, own), [2.0, 2.0])
     contra = ScoringConfig(weights={"topk": 1.0}, reference=reference, contralateral_weight=1.0)
     np.testing.assert_allclose(final_scores(scores, contra), [2.0, -2.0])
+
+
+def test_select_scoring_picks_the_pooled_score_that_separates_the_calibration_split() -> None:
+    rng = np.random.default_rng(0)
+    n = 40
+    labels = np.array([0, 1] * (n // 2))
+    frame = pd.DataFrame({
+        "image_id": [f"i{k}" for k in range(n)],
+        "patient_id": [f"p{k // 2}" for k in range(n)],
+        "laterality": ["L", "R"] * (n // 2),
+        "label": labels,
+        "mean": rng.normal(size=n),                      # carries no signal
+        "topk": rng.normal(size=n) + 3.0 * labels,        # separates the classes
+        "max": rng.normal(size=n),
+        "neg_elbo": rng.normal(size=n),
+    })
+    chosen, aucs = select_scoring(frame, ScoringConfig())
+    assert set(aucs) == {f"{name}{suffix}" for name in ("mean", "topk", "max", "neg_elbo")
+                         for suffix in ("", "-contra")}
+    assert next(iter(chosen.weights)) == "topk"
+    assert aucs[max(aucs, key=aucs.get)] > 0.9 > aucs["mean"]
+    assert chosen.map_kind == ScoringConfig().map_kind
