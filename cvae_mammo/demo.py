@@ -52,7 +52,7 @@ class DemoOptions:
 
     @classmethod
     def full(cls) -> DemoOptions:
-        """About 6-8 minutes on a 2-core CPU at 128x64 (the classifier, from random weights
+        """About 4-8 minutes on a 2-core CPU at 128x64 (the classifier, from random weights
         offline, gets 2 epochs: it is there to show the comparison, not to win it)."""
         return cls(n_patients=100, positive_fraction=0.3, cvae_epochs=20, classifier_epochs=2,
                    classifier_backbone="EfficientNetB0", n_bootstrap=500)
