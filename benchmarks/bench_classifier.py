@@ -34,7 +34,7 @@ REFERENCE = "EfficientNetB0"
 
 def load_images(count: int, size: tuple[int, int]) -> tuple[np.ndarray, str]:
     """``count`` mini-MIAS images at ``size`` in [0, 1] ``[N, H, W, 1]`` and where they came from."""
-    from cvae_mammo.data import read_image
+    from cvae_mammo.data.pipeline import read_image
 
     sources = sorted((MIAS / "images").glob("*.png"))[:count]
     if len(sources) < count:
@@ -49,7 +49,7 @@ def measure(backbone: str, images: np.ndarray, steps: int, rounds: int, precisio
     import keras
 
     from cvae_mammo.models.classifier import ClassifierConfig, build_classifier, compile_classifier
-    from cvae_mammo.training import configure_precision, make_optimizer
+    from cvae_mammo.training.common import configure_precision, make_optimizer
 
     keras.backend.clear_session()
     configure_precision(precision)

@@ -28,7 +28,7 @@ def _case(size: str, batch: int, steps: int, precision: str, xla: bool) -> dict:
 
     from cvae_mammo.config import parse_image_size
     from cvae_mammo.models.cvae import CVAEConfig, build_cvae
-    from cvae_mammo.training import configure_precision, make_optimizer
+    from cvae_mammo.training.common import configure_precision, make_optimizer
 
     height, width = parse_image_size(size)
     configure_precision(precision)

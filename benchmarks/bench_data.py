@@ -60,8 +60,8 @@ def worker(folder: Path, size: tuple[int, int], cores: int, policy: str, batches
     cv2.setNumThreads(1)  # parallelism comes from tf.data, not from inside OpenCV
     import pandas as pd
 
-    from cvae_mammo.data import build_pipeline
-    from cvae_mammo.metadata import normalise_metadata
+    from cvae_mammo.data.metadata import normalise_metadata
+    from cvae_mammo.data.pipeline import build_pipeline
 
     frame = normalise_metadata(pd.read_csv(folder / "manifest.csv", dtype={"image_id": str,
                                                                            "patient_id": str}))

@@ -8,7 +8,7 @@ MONOCHROME1, SIGMOID, two window pairs) written by
 Printed per file (fastest of --repeats interleaved runs, one process):
 * full-resolution pipeline: pydicom ``pixel_array`` + pydicom VOI LUT +
   largest-component crop on the full image + area resize + PNG encode;
-* ours: :func:`cvae_mammo.preprocess.preprocess_image` + PNG encode;
+* ours: :func:`cvae_mammo.preprocessing.image.preprocess_image` + PNG encode;
 * the bare decode at the resolution level ours used (``read_dicom`` + ``decode``);
 (both totals include writing the PNG file)
 * ratios full/ours and ours/bare-decode;
@@ -31,9 +31,10 @@ import pydicom
 from pydicom.pixels import apply_voi_lut
 
 from cvae_mammo.config import parse_image_size
-from cvae_mammo.dicom import read_dicom
-from cvae_mammo.imageio import write_png
-from cvae_mammo.preprocess import PreprocessConfig, preprocess_dataset, preprocess_image
+from cvae_mammo.preprocessing.batch import preprocess_dataset
+from cvae_mammo.preprocessing.dicom import read_dicom
+from cvae_mammo.preprocessing.image import PreprocessConfig, preprocess_image
+from cvae_mammo.preprocessing.imageio import write_png
 from cvae_mammo.synthetic.dicom_writer import write_mammogram_dicom
 
 REPO = Path(__file__).resolve().parents[1]

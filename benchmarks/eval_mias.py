@@ -1,23 +1,36 @@
-"""Image-level ROC-AUC of every anomaly-score option on mini-MIAS, patient-disjoint.
+"""Out-of-fold detection figures on mini-MIAS: the README recipe under patient-grouped K-fold.
 
-For each seed: crop (largest bright component), orient (chest wall left) and resize the
-mini-MIAS mammograms from ../shared/data/mini_mias into a dataset folder, split the women
-60/20/20 (train/val/test, seeded, patient-grouped), train a CPU-sized CVAE on the train
-normals with ``fit_cvae``, then score val and test with every option:
+Every woman is held out once. For each outer fold the other women are split into
+inner train / validation women (seeded, patient-grouped, stratified), and the README
+recipe runs on that split file exactly as a user would run it:
 
-* non-learned baselines: mean / 99th-percentile intensity, Laplacian-of-Gaussian blob
-  response (top 0.5%), each alone and contralateral (minus the other breast of the woman);
-* CVAE: L1 / L2 / SSIM / L1+SSIM maps pooled by mean, top-k%, max; negative ELBO; each
-  alone and contralateral; plus map-level asymmetry (top-k of this breast's map minus the
-  other breast's map, pixel by pixel, both breasts in the same orientation);
-* the library default (:class:`cvae_mammo.scoring.ScoringConfig` defaults).
+    fit_cvae(config)  ->  calibrate_run(split="val", select_score=True)  ->  predict_split("test")
 
-Abnormal = any non-NORM finding. Prints a table (test AUC with a patient-level bootstrap
-95% CI, and val AUC) per seed and the mean over seeds, calibrates the default on val
-(``calibration.calibrate``, Youden) and reports test sensitivity/specificity, and draws
-overlays of three malignant cases with the annotated circle under ``--out``.
+so every choice (the score, its standardisation, epochs by early stopping, the
+threshold) is made on the inner validation women only. The held-out fold's scores
+are standardised by the inner validation normals (``scoring.json`` reference), so
+the folds' scores can be pooled into one out-of-fold ROC-AUC with a patient-bootstrap
+95% CI. Printed side by side, from the same models and images:
 
-Run: ``python benchmarks/eval_mias.py --out /work/runs/eval_mias [--seeds 0 1 2]``.
+* each CVAE configuration's recipe score (what ``calibrate --select-score`` chose);
+* every candidate score (each map's mean / top-k, -ELBO, with or without the other
+  breast's, alone or plus the brightest-tissue rule), each standardised the same way;
+* the one-line bilateral rule: 99th-percentile-like brightest tissue (top 1% mean)
+  minus the other breast's (``intensity_topk-contra``).
+
+Then, for the recipe score of each configuration: AUC per finding (CALC, CIRC, SPIC,
+MISC, ARCH, ASYM: that finding's images against all normal images) and per tissue
+(F, G, D), and localisation: the share of abnormal images with coordinates whose
+top-1% map region touches the annotated circle (mapped into the dataset geometry),
+next to the share expected by chance (circle area / breast area).
+
+Screening: ``--folds-to-run 0`` runs one fold only (AUCs over that fold's women).
+
+Run::
+
+    python benchmarks/eval_mias.py --out runs/eval_mias \\
+        --config bilateral=examples/configs/mini_mias_cpu.yaml [--config other=FILE ...]
+
 MIAS: Suckling J. et al., Excerpta Medica Int. Congress Series 1069, 1994, pp. 375-378.
 """
 
@@ -32,307 +45,239 @@ from pathlib import Path
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import cv2
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 
-from cvae_mammo.breast import locate_breast
-from cvae_mammo.fileio import atomic_write_bytes, atomic_write_csv, atomic_write_json
-from cvae_mammo.metrics import roc_with_ci
-from cvae_mammo.scoring import (
-    ScoringConfig,
-    anomaly_map,
-    contralateral_scores,
-    final_scores,
-    fit_reference,
-    image_scores,
-    partner_indices,
-    top_percent_mean,
-)
-from cvae_mammo.splits import make_splits, write_splits
+from cvae_mammo.data.splits import make_splits, write_splits
+from cvae_mammo.evaluation.metrics import roc_with_ci
+from cvae_mammo.fileio import atomic_write_csv, atomic_write_json, read_json
+from cvae_mammo.preprocessing.geometry import circle_mask, mask_to_dataset
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mini_mias"
-MAP_KINDS = ("l1", "l2", "ssim", "l1_ssim")
-POOLS = ("mean", "topk", "max")
+FINDINGS = ("CALC", "CIRC", "SPIC", "MISC", "ARCH", "ASYM")
+TISSUES = ("F", "G", "D")
+RULE = "intensity_topk-contra"
 
 
-def load_labels(mias: Path) -> pd.DataFrame:
-    """One row per image: patient, tissue, label (any non-NORM), malignant flag, findings."""
+def mias_metadata(mias: Path, out: Path) -> Path:
+    """The README's one-line metadata CSV: one row per image, ``label`` = any non-NORM finding."""
     rows = pd.read_csv(mias / "labels.csv", dtype=str, keep_default_na=False)
-    images = rows.groupby("image_id", sort=True).agg(
-        patient_id=("patient_id", "first"),
-        background_tissue=("background_tissue", "first"),
-        label=("abnormality", lambda v: int((v != "NORM").any())),
-        malignant=("severity", lambda v: int("M" in set(v))),
-    ).reset_index()
-    return images
+    rows["label"] = (rows["abnormality"] != "NORM").astype(int)
+    meta = rows.groupby("image_id", as_index=False).agg(
+        patient_id=("patient_id", "first"), background_tissue=("background_tissue", "first"),
+        label=("label", "max")).assign(view="MLO")
+    path = out / "mias_meta.csv"
+    atomic_write_csv(path, meta)
+    return path
 
 
-def build_dataset(mias: Path, out: Path, size: tuple[int, int], seed: int) -> pd.DataFrame:
-    """Crop/orient/resize every image into ``out`` (manifest.csv, splits.csv); returns manifest."""
-    labels = load_labels(mias)
-    height, width = size
-    records = []
-    for row in labels.itertuples(index=False):
-        pixels = cv2.imread(str(mias / "images" / f"{row.image_id}.png"), cv2.IMREAD_GRAYSCALE)
-        image = pixels.astype(np.float32) / 255.0
-        region = locate_breast(image)
-        x0, y0, x1, y1 = region.box
-        crop = np.where(region.mask, image, 0.0)[y0:y1, x0:x1]
-        if region.chest_wall_right:
-            crop = crop[:, ::-1]
-        small = cv2.resize(crop, (width, height), interpolation=cv2.INTER_AREA)
-        relative = f"images/{row.image_id}.png"
-        ok, encoded = cv2.imencode(".png", np.round(small * 255).astype(np.uint8))
-        if not ok:
-            raise RuntimeError(f"cannot encode {relative}")
-        atomic_write_bytes(out / relative, encoded.tobytes())
-        records.append({
-            "image_id": row.image_id, "patient_id": row.patient_id, "laterality": "",
-            "view": "MLO", "prediction_id": f"{row.patient_id}_{row.image_id}", "path": relative,
-            "label": row.label, "malignant": row.malignant,
-            "background_tissue": row.background_tissue, "crop_x0": x0, "crop_y0": y0,
-            "crop_x1": x1, "crop_y1": y1, "flipped": bool(region.chest_wall_right),
-            "original_size": f"{pixels.shape[0]}x{pixels.shape[1]}",
-        })
-    manifest = pd.DataFrame.from_records(records)
-    atomic_write_csv(out / "manifest.csv", manifest)
-    write_splits(make_splits(manifest, val=0.2, test=0.2, seed=seed), out / "splits.csv")
-    return manifest
+def build_dataset(mias: Path, out: Path, size: tuple[int, int]) -> Path:
+    """``cvae-mammo preprocess mini_mias/images --metadata mias_meta.csv --size HxW`` (resumable)."""
+    from cvae_mammo.preprocessing.batch import preprocess_dataset
+    from cvae_mammo.preprocessing.image import PreprocessConfig
+
+    data = out / f"data_{size[0]}x{size[1]}"
+    preprocess_dataset([mias / "images"], data, PreprocessConfig(image_size=size),
+                       metadata=mias_metadata(mias, out), workers=1, progress=False)
+    return data
 
 
-def baseline_scores(image: np.ndarray, mask: np.ndarray) -> dict[str, float]:
-    """Non-learned scores: intensity statistics and a blob detector inside the breast."""
-    inside = image[mask]
-    sigma = max(1.0, image.shape[0] / 128)
-    blob = -ndimage.gaussian_laplace(image.astype(np.float64), sigma) * sigma**2
-    return {
-        "intensity_mean": float(inside.mean()),
-        "intensity_p99": float(np.percentile(inside, 99)),
-        "log_blob_top0.5": top_percent_mean(blob, mask, 0.5),
-    }
+def fold_dataset(data: Path, folds: pd.DataFrame, fold: int, seed: int, out: Path) -> Path:
+    """A dataset folder for one outer fold: test = that fold's women, inner train/val = the rest.
+
+    The manifest is copied and the images folder linked, so the recipe's commands
+    run on it unchanged.
+    """
+    folder = out / f"fold{fold}" / "data"
+    if (folder / "splits.csv").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = pd.read_csv(data / "manifest.csv", dtype={"image_id": str, "patient_id": str})
+    atomic_write_csv(folder / "manifest.csv", manifest)
+    if not (folder / "images").exists():
+        os.symlink((data / "images").resolve(), folder / "images")
+    held_out = set(folds.loc[folds["fold"] == fold, "patient_id"])
+    rest = manifest[~manifest["patient_id"].isin(held_out)]
+    inner = make_splits(rest, val=0.2, test=0.0, seed=seed + fold, stratify=("background_tissue",))
+    test = manifest[manifest["patient_id"].isin(held_out)][["image_id", "patient_id"]].assign(
+        split="test", fold=-1)
+    write_splits(pd.concat([inner, test], ignore_index=True), folder / "splits.csv")
+    return folder
 
 
-def map_asymmetry(maps: dict[str, np.ndarray], masks: dict[str, np.ndarray],
-                  frame: pd.DataFrame, percent: float) -> pd.Series:
-    """Top-k% of ``max(0, map - other breast's map)`` pixel by pixel (same orientation)."""
-    partners = partner_indices(frame)
-    values = {}
-    for index, image_id in frame["image_id"].items():
-        others = [frame.at[i, "image_id"] for i in partners[index]]
-        if not others:
-            values[index] = top_percent_mean(maps[image_id], masks[image_id], percent)
-            continue
-        other = np.mean([maps[o] for o in others], axis=0)
-        excess = np.clip(maps[image_id] - other, 0.0, None)
-        values[index] = top_percent_mean(excess, masks[image_id], percent)
-    return pd.Series(values)
+def run_recipe(config: Path, fold_data: Path, run_dir: Path, seed: int,
+               epochs: int | None) -> pd.DataFrame:
+    """fit-cvae -> calibrate --select-score on val -> predict test; the scored test rows."""
+    from cvae_mammo.evaluation.run_calibration import calibrate_run
+    from cvae_mammo.inference.predict import predict_split
+    from cvae_mammo.training.cvae import fit_cvae
+
+    if not (run_dir / "model.keras").is_file():
+        resume = (run_dir / "config.json").is_file()
+        fit_cvae(fold_data, run_dir, config=config, seed=seed, epochs=epochs, resume=resume,
+                 command=[sys.executable, *sys.argv])
+    calibrate_run(run_dir, fold_data, "val", method="youden", select_score=True, seed=seed)
+    return predict_split(run_dir, fold_data, "test")
 
 
-def score_table(run_dir: Path, data: Path, manifest: pd.DataFrame, split_of: pd.Series,
-                top_percent: float) -> tuple[pd.DataFrame, dict[str, dict[str, np.ndarray]]]:
-    """Every option's own score for the val and test images, plus the L1 maps (for overlays)."""
-    from cvae_mammo.data import read_image
-    from cvae_mammo.losses import breast_mask
-    from cvae_mammo.runs import load_run_model
+def candidate_table(run_dir: Path, test: pd.DataFrame) -> pd.DataFrame:
+    """Every candidate score of the held-out images, standardised by the val normals."""
+    from cvae_mammo.inference.predict import load_scoring
+    from cvae_mammo.inference.scoring import final_scores, scoring_candidates
 
-    model = load_run_model(run_dir)
-    rows = manifest[split_of.reindex(manifest["image_id"]).isin(["val", "test"]).to_numpy()]
-    rows = rows.reset_index(drop=True)
-    size = tuple(int(v) for v in model.config.image_size)
-    images = np.stack([read_image(str(data / p), size) for p in rows["path"]])
-    recon = model.reconstruct(images)
-    terms = model.elbo_terms(images)
-    masks = np.asarray(breast_mask(images, model.config.mask_threshold))[..., 0] > 0.5
-    table = rows[["image_id", "patient_id", "laterality", "label", "malignant"]].copy()
-    table["split"] = split_of.reindex(rows["image_id"]).to_numpy()
-    kept: dict[str, dict[str, np.ndarray]] = {"image": {}, "mask": {}}
-    maps_by_kind: dict[str, dict[str, np.ndarray]] = {kind: {} for kind in MAP_KINDS}
-    for i, image_id in enumerate(rows["image_id"]):
-        for name, value in baseline_scores(images[i, ..., 0], masks[i]).items():
-            table.loc[i, name] = value
-        for kind in MAP_KINDS:
-            config = ScoringConfig(map_kind=kind, top_percent=top_percent)
-            amap = anomaly_map(images[i], recon[i], masks[i], config)
-            maps_by_kind[kind][image_id] = amap
-            for pool, value in image_scores(amap, masks[i], config).items():
-                if pool in POOLS:
-                    table.loc[i, f"cvae_{kind}_{pool}"] = value
-        table.loc[i, "cvae_neg_elbo"] = float(terms["recon_nll_per_pixel"][i]
-                                              + terms["kl"][i] / max(terms["mask_pixels"][i], 1))
-        kept["image"][image_id] = images[i, ..., 0]
-        kept["mask"][image_id] = masks[i]
-    for kind in MAP_KINDS:
-        table[f"cvae_{kind}_asym"] = map_asymmetry(maps_by_kind[kind], kept["mask"], table,
-                                                   top_percent)
-    kept["map"] = maps_by_kind["l1"]
-    kept["recon"] = {image_id: recon[i, ..., 0] for i, image_id in enumerate(rows["image_id"])}
-    return table, kept
+    base = load_scoring(run_dir)
+    available = [name for name in base.reference if name in test]
+    candidates = scoring_candidates(base, available)
+    return pd.DataFrame({name: final_scores(test, config) for name, config in candidates.items()},
+                        index=test.index)
 
 
-def option_scores(table: pd.DataFrame) -> pd.DataFrame:
-    """Own and contralateral version of every option, computed within each split."""
-    options = [c for c in table.columns
-               if c.startswith(("intensity_", "log_", "cvae_")) and not c.endswith("_asym")]
-    result = {}
-    for split, part in table.groupby("split"):
-        columns = {}
-        for option in options:
-            columns[option] = part[option]
-            columns[f"{option} contra"] = contralateral_scores(part, option, 1.0, fallback=0.0)
-        for asym in [c for c in table.columns if c.endswith("_asym")]:
-            columns[asym] = part[asym]
-        result[split] = pd.DataFrame(columns)
-    return pd.concat(result.values()).loc[table.index]
-
-
-def default_scores(table: pd.DataFrame, config: ScoringConfig) -> pd.Series:
-    """``config`` on the CVAE's pooled scores, standardised on the val normals (as calibrate)."""
-    pooled = pd.DataFrame({
-        "patient_id": table["patient_id"], "laterality": table["laterality"],
-        "mean": table[f"cvae_{config.map_kind}_mean"],
-        "topk": table[f"cvae_{config.map_kind}_topk"],
-        "max": table[f"cvae_{config.map_kind}_max"], "neg_elbo": table["cvae_neg_elbo"],
-    })
-    normals = pooled[(table["split"] == "val") & (table["label"] == 0)]
-    config = config.replace(reference=fit_reference(normals, tuple(config.weights)))
-    out = pd.Series(np.nan, index=table.index)
-    for _, part in pooled.groupby(table["split"]):
-        out[part.index] = final_scores(part, config)
-    return out
-
-
-def auc_rows(table: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
-    """Test AUC with bootstrap CI and val AUC of every option column."""
-    rows = []
-    test = table["split"] == "test"
-    val = table["split"] == "val"
-    for option in scores.columns:
-        band = roc_with_ci(table.loc[test, "label"], scores.loc[test, option],
-                           groups=table.loc[test, "patient_id"], n_bootstrap=1000, seed=0)
-        val_band = roc_with_ci(table.loc[val, "label"], scores.loc[val, option], n_bootstrap=1)
-        rows.append({"option": option, "test_auc": band.auc, "ci_low": band.auc_ci[0],
-                     "ci_high": band.auc_ci[1], "val_auc": val_band.auc})
-    return pd.DataFrame(rows)
-
-
-def draw_overlays(out: Path, manifest: pd.DataFrame, kept: dict[str, dict[str, np.ndarray]],
-                  table: pd.DataFrame, mias: Path, count: int = 3) -> list[str]:
-    """Three malignant cases: image | reconstruction | L1 anomaly map, annotated circle(s) in green."""
-    from cvae_mammo.predict import overlay, save_png
+def localisation(run_dir: Path, fold_data: Path, test: pd.DataFrame, mias: Path
+                 ) -> list[dict[str, float]]:
+    """Top-1% map region vs annotated circle for each abnormal test image with coordinates."""
+    from cvae_mammo.data.pairing import with_partners
+    from cvae_mammo.inference.predict import load_predictor
+    from cvae_mammo.models.cvae import CVAEConfig
+    from cvae_mammo.training.cvae import ModelInputs
 
     findings = pd.read_csv(mias / "labels.csv", dtype=str, keep_default_na=False)
-    chosen = table[(table["malignant"] == 1)].sort_values("split", ascending=False)
-    written = []
-    for image_id in chosen["image_id"]:
-        circles = findings[(findings.image_id == image_id) & (findings.x != "")]
-        if circles.empty:
-            continue
-        meta = manifest.set_index("image_id").loc[image_id]
-        image = kept["image"][image_id]
-        height, width = image.shape
-        scale = 4  # draw at 4x the model size so the circle is visible
-        big = (height * scale, width * scale)
-        panels = [overlay(image, np.zeros_like(image), size=big),
-                  overlay(kept["recon"][image_id], np.zeros_like(image), size=big),
-                  overlay(image, kept["map"][image_id], size=big, alpha=0.8)]
-        x0, y0, x1, y1 = (int(meta[k]) for k in ("crop_x0", "crop_y0", "crop_x1", "crop_y1"))
-        sx, sy = width * scale / (x1 - x0), height * scale / (y1 - y0)
-        for circle in circles.itertuples(index=False):
-            col, row = float(circle.x), 1024.0 - float(circle.y)
-            cx = (col - x0) * sx
-            if bool(meta["flipped"]):
-                cx = width * scale - 1 - cx
-            cy = (row - y0) * sy
-            axes = (max(2, round(float(circle.radius) * sx)),
-                    max(2, round(float(circle.radius) * sy)))
-            for panel in (panels[0], panels[2]):
-                cv2.ellipse(panel, (round(cx), round(cy)), axes, 0, 0, 360, (0, 255, 0), 2)
-        split = table.set_index("image_id").at[image_id, "split"]
-        path = out / f"overlay_{image_id}_{split}.png"
-        save_png(path, np.concatenate(panels, axis=1))
-        written.append(str(path))
-        if len(written) == count:
-            break
-    return written
+    findings = findings[(findings["abnormality"] != "NORM") & (findings["x"] != "")]
+    rows = test[test["image_id"].isin(findings["image_id"])]
+    if rows.empty:
+        return []
+    predictor = load_predictor(run_dir)
+    config = CVAEConfig.from_dict(read_json(run_dir / "config.json")["model"])
+    paired = with_partners(rows, within=test) if config.bilateral else rows
+    inputs = ModelInputs.load(paired, fold_data, config, predictor.encoder)
+    _, maps = predictor.score(inputs.images, paired, inputs.partners)
+    masks = predictor.masks(inputs.images)
+    results = []
+    for i, (_, row) in enumerate(paired.iterrows()):
+        size = maps[i].shape
+        circle = np.zeros((1024, 1024), bool)
+        for finding in findings[findings["image_id"] == row["image_id"]].itertuples():
+            circle |= circle_mask((1024, 1024), (float(finding.x), 1024.0 - float(finding.y)),
+                                  float(finding.radius))
+        target = mask_to_dataset(circle, row, size) & masks[i]
+        inside = maps[i][masks[i]]
+        threshold = np.partition(inside, int(0.99 * inside.size))[int(0.99 * inside.size)]
+        top = (maps[i] >= threshold) & masks[i]
+        results.append({"image_id": row["image_id"], "hit": float((top & target).any()),
+                        "chance": float(target.sum() / max(masks[i].sum(), 1))})
+    return results
 
 
-def run_seed(args: argparse.Namespace, seed: int) -> tuple[pd.DataFrame, dict]:
-    """Build, train, score and evaluate one seed; returns the AUC table and a summary."""
-    from cvae_mammo.calibration import calibrate
-    from cvae_mammo.models.cvae import CVAEConfig
-    from cvae_mammo.train_cvae import fit_cvae
+def auc_line(labels: pd.Series, scores: pd.Series, groups: pd.Series) -> dict[str, float]:
+    """ROC-AUC with a patient-bootstrap 95% CI."""
+    band = roc_with_ci(labels, scores, groups=groups, n_bootstrap=1000, seed=0)
+    return {"auc": band.auc, "ci_low": band.auc_ci[0], "ci_high": band.auc_ci[1],
+            "n": len(labels), "n_abnormal": int(labels.sum())}
 
-    size = (args.height, args.width)
-    seed_dir = args.out / f"seed{seed}"
-    data = seed_dir / "data"
-    manifest = build_dataset(args.mias, data, size, seed)
-    splits = pd.read_csv(data / "splits.csv").set_index("image_id")["split"]
-    run_dir = seed_dir / "cvae"
-    started = time.perf_counter()
-    if not (run_dir / "model.keras").is_file():
-        config = CVAEConfig.small(image_size=size, epochs=args.epochs, batch_size=8,
-                                  conditioning=tuple(args.conditioning), recon_every=10)
-        fit_cvae(data, run_dir, config=config, seed=seed, xla=False,
-                 command=[sys.executable, *sys.argv])
-    train_seconds = time.perf_counter() - started
-    table, kept = score_table(run_dir, data, manifest, splits, args.top_percent)
-    scores = option_scores(table)
-    scores["DEFAULT (ScoringConfig())"] = default_scores(table, ScoringConfig())
-    aucs = auc_rows(table, scores)
-    val_rows = table["split"] == "val"
-    calib = calibrate(table[val_rows].assign(score=scores.loc[val_rows, "DEFAULT (ScoringConfig())"],
-                                             prediction_id=table.loc[val_rows, "image_id"]),
-                      method="youden", split="val")
-    test_rows = table["split"] == "test"
-    predicted = calib.predict(scores.loc[test_rows, "DEFAULT (ScoringConfig())"])
-    truth = table.loc[test_rows, "label"].to_numpy()
-    summary = {
-        "seed": seed, "train_seconds": round(train_seconds, 1),
-        "n_test": int(test_rows.sum()), "n_test_abnormal": int(truth.sum()),
-        "n_val": int(val_rows.sum()), "threshold": calib.value,
-        "test_sensitivity": float(predicted[truth == 1].mean()),
-        "test_specificity": float(1 - predicted[truth == 0].mean()),
-    }
-    atomic_write_csv(seed_dir / "scores.csv", pd.concat([table, scores.add_prefix("opt: ")], axis=1))
-    atomic_write_csv(seed_dir / "auc.csv", aucs)
-    if seed == args.seeds[0]:
-        summary["overlays"] = draw_overlays(args.out, manifest, kept, table, args.mias)
-    return aucs, summary
+
+def breakdown(frame: pd.DataFrame, score: str, mias: Path) -> dict[str, float]:
+    """AUC per finding (that finding's images vs all normals) and per tissue."""
+    findings = pd.read_csv(mias / "labels.csv", dtype=str, keep_default_na=False)
+    normal = frame["label"] == 0
+    out: dict[str, float] = {}
+    from cvae_mammo.evaluation.metrics import roc_auc
+
+    for finding in FINDINGS:
+        ids = set(findings.loc[findings["abnormality"] == finding, "image_id"])
+        chosen = normal | frame["image_id"].isin(ids)
+        if frame.loc[chosen, "image_id"].isin(ids).any():
+            out[finding] = roc_auc(frame.loc[chosen, "label"], frame.loc[chosen, score])
+    for tissue in TISSUES:
+        part = frame[frame["background_tissue"] == tissue]
+        if part["label"].nunique() == 2:
+            out[f"tissue {tissue}"] = roc_auc(part["label"], part[score])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mias", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--out", type=Path, default=Path("/work/runs/eval_mias"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--height", type=int, default=256)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--top-percent", type=float, default=1.0)
-    parser.add_argument("--conditioning", nargs="*", default=[])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--config", action="append", required=True, metavar="NAME=FILE",
+                        help="a CVAE config to evaluate (repeat to compare several)")
+    parser.add_argument("--size", default="256x128", help="preprocessing output size HxW")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--folds-to-run", type=int, nargs="*", default=None,
+                        help="screening: run only these outer folds")
+    parser.add_argument("--epochs", type=int, default=None, help="override the configs' epochs")
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not (args.mias / "labels.csv").is_file():
         print(f"mini-MIAS not found at {args.mias}", file=sys.stderr)
         return 2
-    tables, summaries = [], []
-    for seed in args.seeds:
-        aucs, summary = run_seed(args, seed)
-        tables.append(aucs.assign(seed=seed))
-        summaries.append(summary)
-        print(f"\n== seed {seed}: {summary}")
-        print(aucs.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    combined = pd.concat(tables)
-    mean = combined.groupby("option", sort=False)[["test_auc", "val_auc"]].mean()
-    if len(args.seeds) > 1:
-        print(f"\n== mean over seeds {args.seeds}")
-        print(mean.sort_values("test_auc", ascending=False).to_string(
-            float_format=lambda v: f"{v:.3f}"))
-    atomic_write_csv(args.out / "auc_all_seeds.csv", combined)
-    atomic_write_json(args.out / "summary.json", {"summaries": summaries,
-                                                  "args": {k: str(v) for k, v in vars(args).items()}})
+    configs = dict(item.split("=", 1) for item in args.config)
+    size = tuple(int(v) for v in args.size.lower().split("x"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = build_dataset(args.mias, args.out, size)
+    manifest = pd.read_csv(data / "manifest.csv", dtype={"image_id": str, "patient_id": str})
+    folds = make_splits(manifest, test=0.0, folds=args.folds, seed=args.seed,
+                        stratify=("background_tissue",))
+    to_run = args.folds_to_run if args.folds_to_run is not None else list(range(args.folds))
+    oof: dict[str, list[pd.DataFrame]] = {name: [] for name in configs}
+    hits: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
+    chosen: dict[str, list[str]] = {name: [] for name in configs}
+    for fold in to_run:
+        fold_data = fold_dataset(data, folds, fold, args.seed, args.out)
+        for name, config in configs.items():
+            started = time.perf_counter()
+            run_dir = args.out / f"fold{fold}" / name
+            test = run_recipe(Path(config), fold_data, run_dir, args.seed, args.epochs)
+            selection = read_json(run_dir / "score_selection.json")
+            chosen[name].append(f"fold {fold}: " + "+".join(selection["chosen"]["weights"])
+                                + (" contra" if selection["chosen"]["contralateral_weight"]
+                                   else ""))
+            table = pd.concat([test[["image_id", "patient_id", "label", "background_tissue",
+                                     "score", "has_partner"] if "has_partner" in test else
+                                    ["image_id", "patient_id", "label", "background_tissue",
+                                     "score"]],
+                               candidate_table(run_dir, test)], axis=1).assign(fold=fold)
+            oof[name].append(table)
+            hits[name] += localisation(run_dir, fold_data, test, args.mias)
+            print(f"fold {fold} {name}: {time.perf_counter() - started:.0f} s, chose "
+                  f"{chosen[name][-1]}", flush=True)
+
+    summary: dict[str, object] = {"folds_run": to_run, "configs": configs, "size": args.size}
+    lines = []
+    for name in configs:
+        pooled = pd.concat(oof[name], ignore_index=True)
+        atomic_write_csv(args.out / f"oof_{name}.csv", pooled)
+        groups = pooled["patient_id"]
+        recipe = auc_line(pooled["label"], pooled["score"], groups)
+        lines.append({"config": name, "score": "RECIPE (chosen on val)", **recipe})
+        candidates = [c for c in pooled.columns if c not in
+                      {"image_id", "patient_id", "label", "background_tissue", "score",
+                       "has_partner", "fold"}]
+        for column in candidates:
+            lines.append({"config": name, "score": column,
+                          **auc_line(pooled["label"], pooled[column], groups)})
+        located = pd.DataFrame(hits[name])
+        summary[name] = {
+            "recipe": recipe, "chosen": chosen[name],
+            "breakdown": breakdown(pooled, "score", args.mias),
+            "rule_breakdown": breakdown(pooled, RULE, args.mias) if RULE in pooled else {},
+            "localisation": {"images": len(located),
+                             "hit_fraction": float(located["hit"].mean()) if len(located) else None,
+                             "chance": float(located["chance"].mean()) if len(located) else None},
+        }
+    table = pd.DataFrame(lines)
+    atomic_write_csv(args.out / "auc_table.csv", table)
+    atomic_write_json(args.out / "summary.json", summary)
+    with pd.option_context("display.max_rows", 500, "display.width", 160):
+        print(table.sort_values(["config", "auc"], ascending=[True, False]).to_string(
+            index=False, float_format=lambda v: f"{v:.3f}"))
+    for name in configs:
+        print(f"\n== {name}: recipe {summary[name]['recipe']}")
+        print("   chosen per fold:", "; ".join(summary[name]["chosen"]))
+        print("   per finding / tissue:", {k: round(v, 3) for k, v in
+                                           summary[name]["breakdown"].items()})
+        print("   rule per finding / tissue:", {k: round(v, 3) for k, v in
+                                                summary[name]["rule_breakdown"].items()})
+        print("   localisation:", summary[name]["localisation"])
     return 0
 
 

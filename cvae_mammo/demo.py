@@ -3,14 +3,14 @@
 Stages, each through the same Python function its CLI subcommand calls::
 
     phantoms        cvae_mammo.synthetic.dataset.make_phantom_dataset  -> OUT/phantoms/
-    preprocess      cvae_mammo.preprocess.preprocess_dataset           -> OUT/dataset/
+    preprocess      cvae_mammo.preprocessing.batch.preprocess_dataset           -> OUT/dataset/
                     (+ lesion masks in its geometry                  -> OUT/dataset/lesion_masks/)
-    split           cvae_mammo.splits.make_splits + write_splits       -> OUT/dataset/splits.csv
-    fit-cvae        cvae_mammo.train_cvae.fit_cvae                     -> OUT/runs/cvae/
-    calibrate       cvae_mammo.cli.calibrate.calibrate_run (val)       -> OUT/runs/cvae/threshold.json
-    fit-classifier  cvae_mammo.train_classifier.fit_classifier         -> OUT/runs/classifier/
+    split           cvae_mammo.data.splits.make_splits + write_splits       -> OUT/dataset/splits.csv
+    fit-cvae        cvae_mammo.training.cvae.fit_cvae                     -> OUT/runs/cvae/
+    calibrate       cvae_mammo.evaluation.run_calibration.calibrate_run (val) -> OUT/runs/cvae/threshold.json
+    fit-classifier  cvae_mammo.training.classifier.fit_classifier         -> OUT/runs/classifier/
     calibrate       (val)                                              -> .../classifier/threshold.json
-    predict         cvae_mammo.predict.predict_split (test, maps)      -> OUT/runs/*/scores_test.csv
+    predict         cvae_mammo.inference.predict.predict_split (test, maps)      -> OUT/runs/*/scores_test.csv
     report          cvae_mammo.cli.report.collect_runs + report.write_report -> OUT/report/
 
 Everything is seeded by ``seed``. Run again into the same folder with the same
@@ -109,9 +109,9 @@ def _split(dataset_dir: Path, seed: int) -> Path:
     """Patient-grouped stratified splits, as ``cvae-mammo split`` makes them."""
     import pandas as pd
 
-    from cvae_mammo.data import MANIFEST_NAME
-    from cvae_mammo.metadata import normalise_metadata
-    from cvae_mammo.splits import make_splits, write_splits
+    from cvae_mammo.data.dataset import MANIFEST_NAME
+    from cvae_mammo.data.metadata import normalise_metadata
+    from cvae_mammo.data.splits import make_splits, write_splits
 
     manifest = pd.read_csv(dataset_dir / MANIFEST_NAME,
                            dtype={"image_id": str, "patient_id": str})
@@ -123,7 +123,7 @@ def _split(dataset_dir: Path, seed: int) -> Path:
 def _fit_cvae(dataset_dir: Path, run_dir: Path, size: tuple[int, int], options: DemoOptions,
               seed: int) -> Path:
     from cvae_mammo.models.cvae import CVAEConfig
-    from cvae_mammo.train_cvae import fit_cvae
+    from cvae_mammo.training.cvae import fit_cvae
 
     steps = max(1, math.ceil(options.n_patients * 4 * 0.5 * (1 - options.positive_fraction / 2)
                              / 8))
@@ -138,7 +138,7 @@ def _fit_cvae(dataset_dir: Path, run_dir: Path, size: tuple[int, int], options: 
 def _fit_classifier(dataset_dir: Path, run_dir: Path, size: tuple[int, int],
                     options: DemoOptions, seed: int) -> Path:
     from cvae_mammo.models.classifier import ClassifierConfig
-    from cvae_mammo.train_classifier import fit_classifier
+    from cvae_mammo.training.classifier import fit_classifier
 
     # No ImageNet download (the demo runs offline), so the backbone starts from random weights
     # and, trained for a few epochs on a few hundred images, stays near chance. Eager mode:
@@ -154,7 +154,7 @@ def _fit_classifier(dataset_dir: Path, run_dir: Path, size: tuple[int, int],
 def _report(run_dirs: dict[str, Path], dataset_dir: Path, maps: dict[str, Path], out: Path,
             options: DemoOptions, seed: int) -> dict[str, Any]:
     from cvae_mammo.cli.report import collect_runs
-    from cvae_mammo.report import write_report
+    from cvae_mammo.evaluation.report import write_report
 
     names = list(run_dirs)
     runs, warnings = collect_runs([run_dirs[n] for n in names], dataset_dir, "test", names=names,
@@ -204,7 +204,8 @@ def run_demo(
                           size=detector_size(size), seed=seed, progress=progress,
                           overwrite=True)
 
-    from cvae_mammo.preprocess import PreprocessConfig, preprocess_dataset
+    from cvae_mammo.preprocessing.batch import preprocess_dataset
+    from cvae_mammo.preprocessing.image import PreprocessConfig
 
     summary = stages.run("preprocess", preprocess_dataset, phantoms.dicom_dir, dataset_dir,
                          PreprocessConfig(image_size=size), metadata=phantoms.metadata_csv,
@@ -216,8 +217,8 @@ def run_demo(
     echo(f"    lesion masks in the preprocessed geometry (to check the maps) -> {masks}")
     stages.run("split", _split, dataset_dir, seed)
 
-    from cvae_mammo.cli.calibrate import calibrate_run
-    from cvae_mammo.predict import predict_split
+    from cvae_mammo.evaluation.run_calibration import calibrate_run
+    from cvae_mammo.inference.predict import predict_split
 
     run_dirs = {"CVAE": runs_dir / "cvae", "classifier": runs_dir / "classifier"}
     fits = {"CVAE": _fit_cvae, "classifier": _fit_classifier}

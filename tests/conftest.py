@@ -55,8 +55,9 @@ def _write_mias_dataset(mias: Path, out: Path, size: tuple[int, int], seed: int)
     """
     import pandas as pd
 
-    from cvae_mammo.preprocess import PreprocessConfig, preprocess_dataset
-    from cvae_mammo.splits import make_splits, write_splits
+    from cvae_mammo.data.splits import make_splits, write_splits
+    from cvae_mammo.preprocessing.batch import preprocess_dataset
+    from cvae_mammo.preprocessing.image import PreprocessConfig
 
     rows = pd.read_csv(mias / "labels.csv", dtype=str, keep_default_na=False)
     metadata = rows.groupby("image_id", sort=True).agg(

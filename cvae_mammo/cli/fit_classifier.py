@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Train and print the run folder."""
     from cvae_mammo.errors import InputError, TrainingDivergedError
-    from cvae_mammo.train_classifier import fit_classifier, resolve_config
+    from cvae_mammo.training.classifier import fit_classifier, resolve_config
 
     try:
         config = resolve_config(args.config)

@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Train and print the run folder."""
     from cvae_mammo.errors import TrainingDivergedError
-    from cvae_mammo.train_cvae import fit_cvae
+    from cvae_mammo.training.cvae import fit_cvae
 
     try:
         run_dir = fit_cvae(args.data, args.out, config=args.config, epochs=args.epochs,

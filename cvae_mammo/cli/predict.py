@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     """Score the split and print where the scores went."""
     from pathlib import Path
 
-    from cvae_mammo.predict import predict_split
+    from cvae_mammo.inference.predict import predict_split
 
     scores = predict_split(args.run, args.data, args.split, maps_dir=args.maps)
     out = Path(args.run) / f"scores_{args.split}.csv"

@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the preprocessing; 0 when at least one image is in the dataset."""
-    from cvae_mammo.preprocess import PreprocessConfig, preprocess_dataset
+    from cvae_mammo.preprocessing.batch import preprocess_dataset
+    from cvae_mammo.preprocessing.image import PreprocessConfig
 
     config = PreprocessConfig(
         image_size=args.size,

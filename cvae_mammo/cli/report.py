@@ -22,7 +22,7 @@ from cvae_mammo.errors import InputError
 from cvae_mammo.fileio import PathLike, file_sha256, read_json
 
 if TYPE_CHECKING:
-    from cvae_mammo.report import RunScores
+    from cvae_mammo.evaluation.report import RunScores
 
 LOGGER = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def load_scores(run_dir: Path, data_dir: Path, split: str) -> pd.DataFrame:
     path = run_dir / f"scores_{split}.csv"
     if not path.is_file():
         LOGGER.info("%s missing: scoring split %r with the run", path, split)
-        from cvae_mammo.predict import predict_split
+        from cvae_mammo.inference.predict import predict_split
 
         predict_split(run_dir, data_dir, split)
     scores = pd.read_csv(path, dtype=_ID_COLUMNS, keep_default_na=False, na_values=[""])
@@ -145,9 +145,9 @@ def collect_runs(run_dirs: Sequence[PathLike], data_dir: PathLike, split: str = 
                  maps_dirs: Sequence[PathLike] | None = None,
                  allow_different_splits: bool = False) -> tuple[list[RunScores], list[str]]:
     """Load the runs' scores on their common labelled images; returns (runs, warnings)."""
-    from cvae_mammo.calibration import Calibration
-    from cvae_mammo.report import RunScores
-    from cvae_mammo.runs import read_run_config
+    from cvae_mammo.evaluation.calibration import Calibration
+    from cvae_mammo.evaluation.report import RunScores
+    from cvae_mammo.training.runs import read_run_config
 
     run_paths = [Path(d) for d in run_dirs]
     data_dir = Path(data_dir)
@@ -191,7 +191,7 @@ def collect_runs(run_dirs: Sequence[PathLike], data_dir: PathLike, split: str = 
 
 def run(args: argparse.Namespace) -> int:
     """Build the report and print the headline numbers."""
-    from cvae_mammo.report import write_report
+    from cvae_mammo.evaluation.report import write_report
 
     runs, warnings = collect_runs(args.run, args.data, args.split, args.name, args.maps,
                                   args.allow_different_splits)

@@ -35,10 +35,10 @@ def run(args: argparse.Namespace) -> int:
 
     import pandas as pd
 
-    from cvae_mammo.data import MANIFEST_NAME, MammoDataset
+    from cvae_mammo.data.dataset import MANIFEST_NAME, MammoDataset
+    from cvae_mammo.data.metadata import normalise_metadata
+    from cvae_mammo.data.splits import make_splits, write_splits
     from cvae_mammo.errors import InputError
-    from cvae_mammo.metadata import normalise_metadata
-    from cvae_mammo.splits import make_splits, write_splits
 
     if args.folds is not None and args.val is not None:
         raise InputError("--val and --folds exclude each other (with --folds a fold is the validation set)")

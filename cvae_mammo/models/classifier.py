@@ -58,7 +58,7 @@ AUX_TARGETS: dict[str, int] = {
 }
 
 #: Metadata columns the tabular branch may read (encoded by a train-fitted
-#: :class:`~cvae_mammo.metadata.MetadataEncoder`). Outcome columns such as
+#: :class:`~cvae_mammo.data.metadata.MetadataEncoder`). Outcome columns such as
 #: biopsy or BIRADS are deliberately absent: as inputs they would leak the label.
 TABULAR_FEATURES: tuple[str, ...] = ("age", "view", "laterality", "implant")
 
@@ -76,7 +76,7 @@ class ClassifierConfig(ConfigBase):
     columns) with ``tabular_dim`` (their encoded width, set by training).
     Loss: ``loss`` ("focal" or "bce"), focal ``focal_alpha`` /
     ``focal_gamma`` / ``label_smoothing``; ``pos_weight`` weighs positives in
-    BCE. Training: the remaining fields (used by :mod:`cvae_mammo.train_classifier`);
+    BCE. Training: the remaining fields (used by :mod:`cvae_mammo.training.classifier`);
     ``unfreeze_from`` names the first backbone layer to fine-tune (None = all),
     ``monitor`` is "auc" or "pf1" on the validation split.
     """

@@ -40,7 +40,7 @@ from cvae_mammo.fileio import (
     package_versions,
     read_json,
 )
-from cvae_mammo.imageio import write_png
+from cvae_mammo.preprocessing.imageio import write_png
 from cvae_mammo.synthetic.phantom import LATERALITIES, VIEWS, make_phantom, sample_lesion_spec
 
 #: RSNA ``train.csv`` columns, in the competition's order.
@@ -302,9 +302,8 @@ def lesion_masks_in_dataset(phantoms: PhantomDataset, dataset_dir: PathLike) -> 
     preprocessed image) for every positive image; returns that folder. Only
     the default ``stretch`` resize is supported.
     """
-    import cv2
-
-    from cvae_mammo.imageio import read_grayscale
+    from cvae_mammo.preprocessing.geometry import mask_to_dataset
+    from cvae_mammo.preprocessing.imageio import read_grayscale
 
     dataset_dir = Path(dataset_dir)
     manifest = pd.read_csv(dataset_dir / "manifest.csv", dtype={"image_id": str})
@@ -319,10 +318,7 @@ def lesion_masks_in_dataset(phantoms: PhantomDataset, dataset_dir: PathLike) -> 
         if image_id not in rows.index:
             continue  # the image failed preprocessing (see failures.csv)
         row = rows.loc[image_id]
-        mask = read_grayscale(phantoms.root / mask_path)
-        crop = mask[int(row["crop_y0"]) : int(row["crop_y1"]), int(row["crop_x0"]) : int(row["crop_x1"])]
-        resized = cv2.resize(crop, (width, height), interpolation=cv2.INTER_AREA) >= 128
-        if str(row["flipped"]).strip().lower() in {"1", "true"}:
-            resized = resized[:, ::-1]
-        write_png(out / f"{image_id}.png", np.ascontiguousarray(resized, dtype=np.uint8) * 255)
+        mask = read_grayscale(phantoms.root / mask_path) >= 128
+        resized = mask_to_dataset(mask, row, (height, width))
+        write_png(out / f"{image_id}.png", resized.astype(np.uint8) * 255)
     return out

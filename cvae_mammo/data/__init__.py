@@ -1,0 +1,1 @@
+"""Stage 2: dataset folders, metadata, patient-grouped splits, augmentation and tf.data pipelines."""

@@ -1,0 +1,1 @@
+"""Stage 5: thresholds, metrics and the side-by-side report."""

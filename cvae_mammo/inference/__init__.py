@@ -1,0 +1,1 @@
+"""Stage 4: scores, anomaly maps and Grad-CAM from a trained run."""

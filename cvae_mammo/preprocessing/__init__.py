@@ -1,0 +1,1 @@
+"""Stage 1: DICOM / PNG / PGM mammograms -> a clean dataset folder (never imports TensorFlow)."""

@@ -1,0 +1,150 @@
+"""Prediction from a real (tiny) CVAE run folder trained on mini-MIAS: CSVs, overlays, calibrate."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cvae_mammo.inference.predict import SCORE_COLUMNS
+
+SIZE = (64, 32)
+
+pytestmark = pytest.mark.shared_data
+
+
+@pytest.fixture(scope="module")
+def dataset(mias_dataset_factory) -> Path:
+    return mias_dataset_factory(size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def trained_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CVAE trained for one short epoch on the train normals (real fit_cvae)."""
+    from cvae_mammo.models.cvae import CVAEConfig
+    from cvae_mammo.training.cvae import fit_cvae
+
+    config = CVAEConfig.small(image_size=SIZE, filters=(8, 16), latent_channels=2, epochs=1,
+                              batch_size=16, augment=None, recon_every=100)
+    out = tmp_path_factory.mktemp("runs") / "cvae"
+    return fit_cvae(dataset, out, config=config, seed=0, xla=False, command=["test"])
+
+
+@pytest.fixture()
+def run_dir(trained_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained run, so tests may add scoring.json / threshold.json."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    return copy
+
+
+def test_predict_split_writes_scores_and_a_fresh_process_gives_the_same(run_dir: Path,
+                                                                        dataset: Path) -> None:
+    from cvae_mammo.inference.predict import predict_split
+
+    in_process = predict_split(run_dir, dataset, "test", write=False)
+    assert list(in_process.columns[:5]) == list(SCORE_COLUMNS)
+    splits = pd.read_csv(dataset / "splits.csv")
+    assert sorted(in_process["image_id"]) == sorted(splits.loc[splits.split == "test", "image_id"])
+    assert in_process["score"].notna().all() and in_process["score"].nunique() > 1
+    assert in_process["pred_label"].isna().all()  # not calibrated yet
+    for column in ("mean", "topk", "max", "neg_elbo"):
+        assert np.isfinite(in_process[column]).all()
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    subprocess.run([sys.executable, "-m", "cvae_mammo", "predict", "--run", str(run_dir),
+                    "--data", str(dataset), "--split", "test"], check=True, env=env,
+                   capture_output=True, text=True)
+    written = pd.read_csv(run_dir / "scores_test.csv")
+    merged = in_process.merge(written, on="image_id", suffixes=("", "_fresh"))
+    assert len(merged) == len(in_process)
+    np.testing.assert_allclose(merged["score_fresh"], merged["score"], rtol=1e-5, atol=1e-7)
+
+
+def test_overlays_have_the_size_of_each_image(run_dir: Path, dataset: Path, mias_dir: Path,
+                                              tmp_path: Path) -> None:
+    from cvae_mammo.inference.predict import predict_images
+
+    maps = tmp_path / "maps"
+    originals = [mias_dir / "images" / "mdb001.png", mias_dir / "images" / "mdb002.png"]
+    scored = predict_images(run_dir, originals, patient_ids=["mias001", "mias001"],
+                            maps_dir=maps)
+    assert list(scored["image_id"]) == ["mdb001", "mdb002"]
+    for source in originals:
+        overlay = Image.open(maps / source.name)
+        assert overlay.mode == "RGB" and overlay.size == Image.open(source).size == (1024, 1024)
+    array = np.asarray(Image.open(maps / "mdb001.png"))
+    assert (array[..., 0] != array[..., 2]).any()  # the heat map is drawn in colour
+
+
+def test_arrays_and_files_give_the_same_scores(run_dir: Path, dataset: Path) -> None:
+    from cvae_mammo.data.pipeline import read_image
+    from cvae_mammo.inference.predict import predict_images
+
+    manifest = pd.read_csv(dataset / "manifest.csv").head(4)
+    paths = [dataset / p for p in manifest["path"]]
+    from_files = predict_images(run_dir, paths)
+    from_arrays = predict_images(run_dir, [read_image(str(p), SIZE) for p in paths],
+                                 image_ids=list(manifest["image_id"]))
+    np.testing.assert_allclose(from_files["score"], from_arrays["score"], rtol=1e-6)
+    from cvae_mammo.errors import InputError
+
+    with pytest.raises(InputError, match="values must lie"):
+        predict_images(run_dir, [np.full(SIZE, 3.0)])
+
+
+def test_contralateral_scoring_from_scoring_json(run_dir: Path, dataset: Path) -> None:
+    from cvae_mammo.inference.predict import predict_split
+    from cvae_mammo.inference.scoring import ScoringConfig
+
+    ScoringConfig(weights={"topk": 1.0}, contralateral_weight=1.0).save(run_dir / "scoring.json")
+    scored = predict_split(run_dir, dataset, "test", write=False)
+    sides = scored.groupby("patient_id")["laterality"].agg(lambda v: "".join(sorted(v)))
+    paired = sides[sides == "LR"].index  # a left and a right breast (from the pixels)
+    assert len(paired) > 0
+    rows = scored[scored.patient_id.isin(paired)]
+    # own - other for the two breasts of a woman sums to zero; own = topk
+    np.testing.assert_allclose(rows.groupby("patient_id")["score"].sum(), 0.0, atol=1e-9)
+    first = rows[rows.patient_id == paired[0]]
+    assert first["score"].iloc[0] == pytest.approx(first["topk"].iloc[0] - first["topk"].iloc[1])
+
+
+def test_calibrate_cli_writes_threshold_json_used_by_predict(run_dir: Path, dataset: Path) -> None:
+    from cvae_mammo.cli import main
+    from cvae_mammo.inference.predict import predict_split
+    from cvae_mammo.inference.scoring import ScoringConfig
+
+    ScoringConfig(weights={"topk": 1.0}, contralateral_weight=0.0).save(run_dir / "scoring.json")
+    status = main(["calibrate", "--run", str(run_dir), "--data", str(dataset),
+                   "--method", "youden"])
+    assert status == 0
+    threshold = json.loads((run_dir / "threshold.json").read_text())
+    assert threshold["method"] == "youden" and threshold["level"] == "image"
+    assert threshold["counts"]["n_positive"] > 0 and threshold["counts"]["n_negative"] > 0
+    assert (run_dir / "scores_val.csv").is_file()
+    scoring = json.loads((run_dir / "scoring.json").read_text())
+    mean, std = scoring["reference"]["topk"]  # standardised on the val normals
+    val = pd.read_csv(run_dir / "scores_val.csv")
+    np.testing.assert_allclose(val["score"], (val["topk"] - mean) / std, rtol=1e-6)
+    assert abs(val.loc[val["label"] == 0, "score"].mean()) < 1e-6
+
+    scored = predict_split(run_dir, dataset, "test", write=False)
+    np.testing.assert_array_equal(scored["pred_label"],
+                                  (scored["score"] >= threshold["value"]).astype(int))
+    above = scored["score"] >= threshold["value"]
+    assert (scored.loc[above, "score_normalised"] >= 0.5).all()
+    assert (scored.loc[~above, "score_normalised"] < 0.5).all()
+
+
+def test_bad_run_folder_gives_a_clean_error(tmp_path: Path, dataset: Path) -> None:
+    from cvae_mammo.cli import main
+
+    assert main(["predict", "--run", str(tmp_path), "--data", str(dataset)]) == 2
