@@ -244,8 +244,12 @@ class ConvVAE(keras.Model):
         self.output_conv = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid",
                                                dtype="float32", name="output")
         if cfg.likelihood_scale == "learned":
-            self.scale_conv = keras.layers.Conv2D(1, 3, padding="same", dtype="float32",
-                                                  name="scale")
+            # starts at recon_scale everywhere: a wide initial scale would damp the mean's
+            # gradient (proportional to 1/scale) and the mean would never be learned
+            start = float(np.log(np.expm1(max(cfg.recon_scale - cfg.min_scale, 1e-4))))
+            self.scale_conv = keras.layers.Conv2D(
+                1, 3, padding="same", dtype="float32", name="scale",
+                kernel_initializer="zeros", bias_initializer=keras.initializers.Constant(start))
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.recon_tracker = keras.metrics.Mean(name="recon_nll")
         self.kl_tracker = keras.metrics.Mean(name="kl")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 keras = pytest.importorskip("keras")
+tf = pytest.importorskip("tensorflow")
 
 from cvae_mammo.data.dataset import MammoDataset  # noqa: E402
 from cvae_mammo.data.pipeline import build_pipeline  # noqa: E402
@@ -157,3 +158,73 @@ def test_loss_falls_on_a_few_steps_of_mini_mias_normals(mias_dataset):
     after = model.elbo_terms(fixed)["neg_elbo"].mean()
     assert np.isfinite(history.history["loss"]).all()
     assert after < 0.8 * before
+
+
+# --- heteroscedastic decoder and bilateral conditioning (issue 11) -------------------------------
+
+def test_learned_scale_grows_where_the_texture_cannot_be_reconstructed():
+    """Left half flat, right half fresh noise each time: the decoder learns a wider scale there."""
+    config = CVAEConfig.small(image_size=(32, 16), filters=(8, 16), latent_channels=2,
+                              likelihood_scale="learned", beta_warmup_steps=0)
+    model = build_cvae(config, seed=0)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    rng = np.random.default_rng(0)
+    images = np.full((64, 32, 16, 1), 0.5, np.float32)
+    images[:, :, 8:, 0] = rng.uniform(0.2, 0.8, (64, 32, 8))
+    model.fit(images, batch_size=16, epochs=15, verbose=0)
+    out = model.analyse(images[:4])
+    assert out["scale"].min() >= config.min_scale
+    flat, noisy = out["scale"][:, :, :6].mean(), out["scale"][:, :, 10:].mean()
+    assert noisy > 2 * flat
+    # the NLL of a bright blob on the flat half stands out; on the noisy half it is diluted
+    blob = images[:1].copy()
+    blob[0, 14:18, 2:6] += 0.4
+    blob[0, 14:18, 10:14] += 0.4
+    nll = model.analyse(np.clip(blob, 0, 1))["nll"][0] - out["nll"][0]
+    assert nll[14:18, 2:6].mean() > nll[14:18, 10:14].mean()
+
+
+def test_bilateral_model_reads_the_partner_and_scores_a_single_image():
+    config = CVAEConfig.small(image_size=(32, 16), filters=(8, 16), latent_channels=2,
+                              bilateral=True, likelihood_scale="learned")
+    model = build_cvae(config, seed=0)
+    rng = np.random.default_rng(1)
+    images = rng.random((2, 32, 16, 1), dtype=np.float32)
+    partners = rng.random((2, 32, 16, 1), dtype=np.float32)
+    with_partner = model.reconstruct(images, partners=partners)
+    assert not np.allclose(with_partner, model.reconstruct(images, partners=partners[::-1]))
+    # no partner is an all-zero partner: the single-image path
+    np.testing.assert_array_equal(model.reconstruct(images),
+                                  model.reconstruct(images, partners=np.zeros_like(images)))
+    analysis = model.analyse(images, partners)
+    assert analysis["nll"].shape == (2, 32, 16) and analysis["kl"].shape == (2, 8, 4)
+    assert np.isfinite(analysis["nll"]).all()
+    with pytest.raises(ValueError, match="partners"):
+        model.reconstruct(images, partners=partners[:1])
+
+
+def test_bilateral_model_trains_saves_and_reloads(tmp_path):
+    config = CVAEConfig.small(image_size=(32, 16), filters=(8, 16), latent_channels=2,
+                              bilateral=True, likelihood_scale="learned", partner_dropout=0.5)
+    model = build_cvae(config, seed=0)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    rng = np.random.default_rng(2)
+    images = rng.random((8, 32, 16, 1), dtype=np.float32)
+    batches = tf.data.Dataset.from_tensor_slices(
+        {"image": images, "partner": images[::-1]}).batch(4)
+    history = model.fit(batches, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(loaded.analyse(images, images[::-1])["nll"],
+                               model.analyse(images, images[::-1])["nll"], rtol=1e-5, atol=1e-6)
+    # partner dropout acts in training only: inference is deterministic
+    np.testing.assert_array_equal(model.reconstruct(images, partners=images[::-1]),
+                                  model.reconstruct(images, partners=images[::-1]))
+
+
+def test_config_rejects_a_learned_scale_with_the_ssim_loss():
+    with pytest.raises(ValueError, match="learned"):
+        CVAEConfig(likelihood_scale="learned", recon_loss="ssim")
+    with pytest.raises(ValueError, match="partner_dropout"):
+        CVAEConfig(partner_dropout=1.0)

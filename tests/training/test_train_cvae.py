@@ -97,3 +97,30 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     for before, after in zip(good, kept):
         np.testing.assert_array_equal(before, after)
     assert len(pd.read_csv(tmp_path / "history.csv")) == 1
+
+
+def test_bilateral_fit_pairs_normal_breasts_only_and_writes_the_feature_density(mias_dataset,
+                                                                                 tmp_path):
+    from cvae_mammo.models.density import DENSITY_FILE, FeatureDensity
+
+    dataset = MammoDataset.open(mias_dataset)
+    train, _ = training_frames(dataset, bilateral=True)
+    everything = dataset.frame.set_index("image_id")
+    paired = train[train["has_partner"] == 1]
+    assert len(paired) > 0 and (train["has_partner"] == 0).any()
+    for _, row in paired.iterrows():
+        partner = everything.loc[row["partner_id"]]
+        assert partner["label"] == 0 and partner["patient_id"] == row["patient_id"]
+        assert partner["split"] == "train"
+    # a normal breast whose other breast is abnormal trains the single-image path
+    abnormal_women = set(everything.loc[everything["label"] == 1, "patient_id"])
+    assert (train.loc[train["patient_id"].isin(abnormal_women), "has_partner"] == 0).all()
+    train_ds, _ = cvae_pipelines(dataset, TINY.replace(bilateral=True), None, seed=0)
+    batch = next(iter(train_ds))
+    assert batch["partner"].shape == batch["image"].shape
+
+    config = TINY.replace(bilateral=True, likelihood_scale="learned", epochs=1)
+    run = fit_cvae(mias_dataset, tmp_path / "run", config=config, seed=0)
+    density = FeatureDensity.load(run / DENSITY_FILE)
+    assert density.mean_.shape == (config.filters[-1],) and density.count_ > len(train)
+    assert read_run_config(run)["model"]["bilateral"] is True
