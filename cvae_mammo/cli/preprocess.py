@@ -2,8 +2,10 @@
 
 Writes DATASET_DIR/images/<patient_id>/<image_id>.png, manifest.csv,
 failures.csv, unmatched.csv (with --metadata) and preprocess.json. Re-running
-with the same settings skips images already written. Exit status is non-zero
-only when no image could be processed.
+with the same settings skips images already written; the manifest always lists
+every image in DATASET_DIR, so a rerun on some of the inputs loses nothing.
+Metadata columns are copied by an allow-list (--keep-column adds one). Exit
+status is non-zero only when no image could be processed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import sys
 
 from cvae_mammo.config import DEFAULT_IMAGE_SIZE, format_image_size
+from cvae_mammo.preprocessing.manifest import PASSTHROUGH_COLUMNS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metadata", metavar="CSV",
                         help="RSNA train.csv or a CSV with image_id[, patient_id, laterality, "
                              "view, label, ...], joined on image_id")
+    parser.add_argument("--keep-column", action="append", default=[], metavar="NAME",
+                        help="also copy this metadata column into manifest.csv (repeatable); "
+                             "by default only the allow-list is copied: "
+                             f"{', '.join(PASSTHROUGH_COLUMNS)}")
     parser.add_argument("--label-column", default=None,
                         help="metadata column holding the 1/0 label (default: label, else "
                              "cancer)")
@@ -58,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     summary = preprocess_dataset(
         args.inputs, args.out, config=config, metadata=args.metadata, workers=args.workers,
         shard=args.shard, limit=args.limit, progress=not args.no_progress,
+        keep_columns=args.keep_column,
     )
     print(summary.line(), file=sys.stdout)
     return 0 if summary.ok else 1

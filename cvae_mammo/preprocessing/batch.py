@@ -2,11 +2,18 @@
 
 A process pool over the inputs writes ``images/<patient_id>/<image_id>.png``
 atomically and one provenance record per image in ``records/`` (after its PNG,
-so a killed run resumes where it stopped), then ``manifest.csv``,
-``failures.csv``, ``unmatched.csv`` (metadata rows without image and images
-without metadata row) and ``preprocess.json`` (settings, summary, package
-versions). Ids come from the metadata, the RSNA layout, DICOM tags or the file
-name.
+with the PNG's size, so a killed run resumes where it stopped and a damaged PNG
+is remade), then ``manifest.csv``, ``failures.csv``, ``unmatched.csv``
+(metadata rows without image and images without metadata row) and
+``preprocess.json`` (settings, summary, package versions).
+
+The folder is the union of its runs: ``manifest.csv`` lists every record in
+``records/`` whose PNG is intact (one row per image), whatever subset of the
+inputs this run was given, and ``failures.csv`` keeps the failures of files
+not retried since. Ids come from the metadata, the RSNA layout, DICOM tags or
+the file name, made file-name safe and reversible by
+:func:`~cvae_mammo.preprocessing.manifest.safe_id`; two files with one image id
+are a failure, never a merge.
 
 This module never imports TensorFlow.
 """
@@ -39,7 +46,13 @@ from cvae_mammo.preprocessing.dicom import (
 )
 from cvae_mammo.preprocessing.image import PreprocessConfig, preprocess_image
 from cvae_mammo.preprocessing.imageio import IMAGE_SUFFIXES, write_png
-from cvae_mammo.preprocessing.manifest import Metadata, build_manifest, load_metadata
+from cvae_mammo.preprocessing.manifest import (
+    Metadata,
+    build_manifest,
+    load_metadata,
+    original_id,
+    safe_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +64,12 @@ def discover_inputs(inputs: Iterable[PathLike]) -> list[Path]:
 
     Folders contribute files with an image suffix, ``.dcm`` files, and files
     without a suffix that carry the DICOM preamble. Files named explicitly
-    are always kept (a bad one is then recorded as a failure).
+    are always kept (a bad one is then recorded as a failure). Paths are
+    made absolute here, once: records and failures name files by them.
     """
     found: list[Path] = []
     for item in inputs:
-        path = Path(item)
+        path = Path(os.path.abspath(item))
         if path.is_dir():
             for child in sorted(path.rglob("*")):
                 if not child.is_file() or child.name.startswith("."):
@@ -72,12 +86,6 @@ def discover_inputs(inputs: Iterable[PathLike]) -> list[Path]:
     return unique
 
 
-def safe_id(text: str) -> str:
-    """An id usable as a file name (characters other than ``A-Za-z0-9._-`` become ``_``)."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", str(text).strip()).strip(".")
-    return cleaned or "unknown"
-
-
 def path_ids(path: Path, lookup: dict[str, str]) -> tuple[str, str] | None:
     """Ids known without opening the file: the metadata (by file stem), then the RSNA layout."""
     stem = path.stem if path.suffix.lower() in IMAGE_SUFFIXES | {".dcm"} else path.name
@@ -88,10 +96,11 @@ def path_ids(path: Path, lookup: dict[str, str]) -> tuple[str, str] | None:
     return None
 
 
-def _ids_from_file(path: Path, lookup: dict[str, str]) -> tuple[str, str]:
+def _ids_from_file(path: Path, lookup: dict[str, str]) -> tuple[str, str, bool]:
+    """``(image_id, patient_id, own_patient)``; ``own_patient`` when no patient id was found."""
     known = path_ids(path, lookup)
     if known:
-        return known
+        return (*known, False)
     stem = path.stem if path.suffix.lower() in IMAGE_SUFFIXES | {".dcm"} else path.name
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         try:
@@ -99,14 +108,13 @@ def _ids_from_file(path: Path, lookup: dict[str, str]) -> tuple[str, str]:
 
             header = pydicom.dcmread(path, stop_before_pixels=True,
                                      specific_tags=["PatientID", "SOPInstanceUID"])
-            patient, uid = str(header.get("PatientID", "")), str(header.get("SOPInstanceUID", ""))
-            if patient and uid:
-                return safe_id(stem if stem in lookup else uid), safe_id(patient)
+            patient = str(header.get("PatientID", "")).strip()
+            uid = str(header.get("SOPInstanceUID", "")).strip()
             if patient:
-                return safe_id(stem), safe_id(patient)
+                return safe_id(stem if stem in lookup or not uid else uid), safe_id(patient), False
         except Exception:  # unreadable header: the file name gives the ids, decoding will fail
             log.debug("no DICOM header ids in %s", path)
-    return safe_id(stem), safe_id(stem)
+    return safe_id(stem), safe_id(stem), True
 
 
 # --------------------------------------------------------------------------- worker
@@ -128,6 +136,31 @@ def _record_path(out_dir: Path, patient_id: str, image_id: str) -> Path:
     return out_dir / "records" / patient_id / f"{image_id}.json"
 
 
+def _image_path(patient_id: str, image_id: str) -> str:
+    """Where an image's PNG goes, relative to the dataset folder."""
+    return f"images/{patient_id}/{image_id}.png"
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk that closes every PNG
+
+
+def png_intact(path: Path, size: int | None = None) -> bool:
+    """Whether ``path`` starts and ends like a whole PNG (and has ``size`` bytes when given).
+
+    Cheap enough for every image of a resumed run: one stat, two short reads.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(_PNG_SIGNATURE))
+            handle.seek(-len(_PNG_END), os.SEEK_END)
+            tail = handle.read()
+            length = handle.tell()
+    except OSError:  # missing, unreadable, or shorter than the IEND chunk
+        return False
+    return head == _PNG_SIGNATURE and tail == _PNG_END and size in (None, length)
+
+
 def _work(task: tuple[str, str, str]) -> dict[str, Any]:
     """Process one (file, image_id, patient_id) in a worker; returns a result dict, never raises."""
     path_text, image_id, patient_id = task
@@ -137,25 +170,25 @@ def _work(task: tuple[str, str, str]) -> dict[str, Any]:
     stage = "ids"
     try:
         record_file = _record_path(out_dir, patient_id, image_id)
-        relative = f"images/{patient_id}/{image_id}.png"
-        source = os.path.abspath(path_text)
-        if record_file.is_file():
-            previous = read_json(record_file)
-            if previous.get("source_file") != source:
+        relative = _image_path(patient_id, image_id)
+        previous = _read_record(record_file)
+        if previous is not None:
+            if previous.get("source_file") != path_text:  # another process took the id
                 return _failure(path_text, "ids", f"duplicate image_id {image_id} (patient "
                                 f"{patient_id}) already produced from "
                                 f"{previous.get('source_file')}", image_id)
-            if previous.get("settings_hash") == _WORKER["hash"] and (out_dir / relative).is_file():
+            if (previous.get("settings_hash") == _WORKER["hash"]
+                    and png_intact(out_dir / relative, previous.get("png_bytes"))):
                 return {"status": "resumed", "record": previous}
         stage = "process"
-        processed = preprocess_image(path, config, view=_WORKER["views"].get(image_id))
+        processed = preprocess_image(path, config, view=_WORKER["views"].get(original_id(image_id)))
         stage = "write"
         write_png(out_dir / relative, processed.image)
         record = {
             "image_id": image_id, "patient_id": patient_id, "path": relative,
-            **processed.provenance, "source_file": source,
+            **processed.provenance, "source_file": path_text,
             "laterality_tag": processed.tags["laterality"], "view_tag": processed.tags["view"],
-            "settings_hash": _WORKER["hash"],
+            "settings_hash": _WORKER["hash"], "png_bytes": (out_dir / relative).stat().st_size,
         }
         atomic_write_json(record_file, record)
         return {"status": "processed", "record": record}
@@ -170,6 +203,14 @@ def _failure(source: str, stage: str, reason: str, image_id: str = "") -> dict[s
             "failure": {"source": source, "stage": stage, "reason": reason.replace("\n", " ")}}
 
 
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """A provenance record, or None when it is missing or unreadable (the image is then redone)."""
+    try:
+        record = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "image_id" in record else None
+
 
 # --------------------------------------------------------------------------- dataset
 
@@ -183,6 +224,7 @@ class PreprocessSummary:
     processed: int = 0
     resumed: int = 0
     failed: int = 0
+    in_manifest: int = 0
     metadata_without_image: int = 0
     images_without_metadata: int = 0
     seconds: float = 0.0
@@ -197,7 +239,8 @@ class PreprocessSummary:
         rate = self.processed / self.seconds if self.seconds > 0 else 0.0
         text = (f"preprocess: {self.processed} processed, {self.resumed} skipped (resumed), "
                 f"{self.failed} failed of {self.total} in {self.seconds:.1f} s "
-                f"({rate:.2f} images/s) -> {self.out_dir}")
+                f"({rate:.2f} images/s) -> {self.out_dir} ({self.in_manifest} images in "
+                "manifest.csv)")
         if self.metadata_without_image or self.images_without_metadata:
             text += (f"; {self.metadata_without_image} metadata rows without image, "
                      f"{self.images_without_metadata} images without metadata row "
@@ -261,13 +304,56 @@ def _run_workers(tasks: list[tuple[str, str, str]], init_args: tuple[Any, ...], 
     return [results[index] for index in range(len(tasks))]
 
 
-def _gather_other_shards(out_dir: Path, sources: set[str], have: set[str]) -> list[dict]:
-    records = []
+def _records_on_disk(out_dir: Path) -> dict[Path, dict[str, Any]]:
+    """Every readable provenance record under ``out_dir/records``, by file."""
+    found = {}
     for record_file in sorted((out_dir / "records").rglob("*.json")):
-        record = read_json(record_file)
-        if record.get("source_file") in sources and record.get("source_file") not in have:
-            records.append(record)
-    return records
+        record = _read_record(record_file)
+        if record is not None:
+            found[record_file] = record
+    return found
+
+
+def _remove_superseded(out_dir: Path, current: list[dict[str, Any]],
+                       on_disk: dict[Path, dict[str, Any]]) -> None:
+    """Delete the earlier output of a file this run wrote under other ids (e.g. new metadata)."""
+    written = {r["source_file"]: _record_path(out_dir, r["patient_id"], r["image_id"])
+               for r in current}
+    for record_file, record in on_disk.items():
+        kept = written.get(record.get("source_file"))
+        if kept is not None and kept != record_file:
+            earlier_png = _image_path(record["patient_id"], record["image_id"])
+            log.info("%s now has ids %s; removing its earlier output %s",
+                     record["source_file"], kept.relative_to(out_dir / "records"), earlier_png)
+            (out_dir / earlier_png).unlink(missing_ok=True)
+            record_file.unlink(missing_ok=True)
+
+
+def _union(out_dir: Path, current: list[dict[str, Any]]
+           ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The dataset's records (this run's first, then every other one on disk) and failures.
+
+    A record from an earlier run whose PNG is missing or damaged, or whose
+    image id another record already has, is left out and reported as a failure.
+    """
+    records = {r["image_id"]: r for r in current}
+    failures = []
+    for record_file, record in _records_on_disk(out_dir).items():
+        image_id, source = record["image_id"], str(record.get("source_file", record_file))
+        if records.get(image_id, {}).get("source_file") == source:
+            continue
+        if image_id in records:
+            failures.append(_failure(source, "ids", f"duplicate image_id {image_id}: also "
+                                     f"produced from {records[image_id]['source_file']}; "
+                                     f"{record_file.relative_to(out_dir)} left out",
+                                     image_id)["failure"])
+        elif not png_intact(out_dir / str(record.get("path", "")), record.get("png_bytes")):
+            failures.append(_failure(source, "write", f"{record.get('path')} is missing or "
+                                     "damaged; rerun with this file to remake it",
+                                     image_id)["failure"])
+        else:
+            records[image_id] = record
+    return list(records.values()), failures
 
 
 def preprocess_dataset(
@@ -279,20 +365,24 @@ def preprocess_dataset(
     shard: tuple[int, int] | str | None = None,
     limit: int | None = None,
     progress: bool = True,
+    keep_columns: Sequence[str] = (),
 ) -> PreprocessSummary:
     """Preprocess files and folders of mammograms into the dataset folder ``out_dir``.
 
     ``workers`` defaults to all cores; ``shard=(i, N)`` processes every N-th
-    input starting at i (the manifest then gathers every shard finished so
-    far in ``out_dir``); ``limit`` caps this run's images. Images already
+    input starting at i; ``limit`` caps this run's images. Images already
     written with the same pixel settings are skipped (resume). Bad files are
-    recorded in ``failures.csv`` and the run goes on.
+    recorded in ``failures.csv`` and the run goes on. The manifest lists every
+    image in ``out_dir`` (this run's and earlier runs' or shards'), so a rerun
+    on a subset of the inputs loses nothing. ``keep_columns`` names metadata
+    columns to copy besides the allow-list
+    (:data:`~cvae_mammo.preprocessing.manifest.PASSTHROUGH_COLUMNS`).
     """
     started = time.perf_counter()
     config = config or PreprocessConfig()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta = load_metadata(metadata, config.label_column) if metadata is not None else None
+    meta = (load_metadata(metadata, config.label_column, keep_columns)
+            if metadata is not None else None)
     if isinstance(inputs, str | os.PathLike):
         inputs = [inputs]
     files = discover_inputs(inputs)
@@ -306,34 +396,48 @@ def preprocess_dataset(
     if meta is not None:
         lookup = {image_id: lookup.get(image_id, "") for image_id in meta.frame.index}
     views = meta.lookup("view") if meta else {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    on_disk = _records_on_disk(out_dir)
+    earlier = {r["image_id"]: r.get("source_file") for r in on_disk.values()}
 
     failures: list[dict[str, Any]] = []
     todo: list[tuple[str, str, str]] = []
-    seen: dict[tuple[str, str], Path] = {}
+    seen: dict[str, Path] = {}
+    own_patients = 0
     for path in work:
-        ids = _ids_from_file(path, lookup)
-        if ids in seen:
-            failures.append(_failure(str(path), "ids", f"duplicate image_id {ids[0]} (patient "
-                                     f"{ids[1]}); also from {seen[ids]}", ids[0]))
+        image_id, patient_id, own_patient = _ids_from_file(path, lookup)
+        other = seen.get(image_id) or earlier.get(image_id)
+        if other is not None and str(other) != str(path):
+            failures.append(_failure(str(path), "ids", f"duplicate image_id {image_id} (patient "
+                                     f"{patient_id}); also from {other}", image_id))
             continue
-        seen[ids] = path
-        todo.append((str(path), *ids))
+        seen[image_id] = path
+        own_patients += own_patient
+        todo.append((str(path), image_id, patient_id))
+    if own_patients:
+        log.warning("%d image(s) have no patient id (not in the metadata, the RSNA layout or "
+                    "DICOM tags): each is its own patient, so splits cannot group a woman's "
+                    "images", own_patients)
     workers = max(1, min(int(workers or os.cpu_count() or 1), max(1, len(todo))))
     init_args = (config.to_dict(), str(out_dir), views, workers > 1)
     results = failures + _run_workers(todo, init_args, workers, progress)
 
-    records = [r["record"] for r in results if "record" in r]
-    if shard:
-        sources = {os.path.abspath(p) for p in files}
-        records += _gather_other_shards(out_dir, sources, {r["source_file"] for r in records})
+    current = [r["record"] for r in results if "record" in r]
+    _remove_superseded(out_dir, current, on_disk)
+    records, left_out = _union(out_dir, current)
+    stale = sum(r.get("settings_hash") != config.settings_hash() for r in records)
+    if stale:
+        log.warning("%d image(s) in %s were made with other settings than this run's; rerun "
+                    "with all their inputs to remake them alike", stale, out_dir)
     manifest = build_manifest(records, meta)
     atomic_write_csv(out_dir / "manifest.csv", manifest)
-    failure_rows = pd.DataFrame([r["failure"] for r in results if r["status"] == "failed"],
-                                columns=["source", "stage", "reason"])
-    if shard and (out_dir / "failures.csv").is_file():
-        earlier = pd.read_csv(out_dir / "failures.csv", dtype=str, keep_default_na=False)
-        earlier = earlier[~earlier["source"].isin({str(p) for p in work})]
-        failure_rows = pd.concat([earlier, failure_rows], ignore_index=True)
+    failure_rows = pd.DataFrame([r["failure"] for r in results if r["status"] == "failed"]
+                                + left_out, columns=["source", "stage", "reason"])
+    if (out_dir / "failures.csv").is_file():
+        retried = {str(p) for p in work} | {r["source_file"] for r in records}
+        kept = pd.read_csv(out_dir / "failures.csv", dtype=str, keep_default_na=False)
+        kept = kept[~kept["source"].isin(retried | set(failure_rows["source"]))]
+        failure_rows = pd.concat([kept, failure_rows], ignore_index=True)
     atomic_write_csv(out_dir / "failures.csv", failure_rows)
 
     summary = PreprocessSummary(
@@ -341,6 +445,7 @@ def preprocess_dataset(
         processed=sum(r["status"] == "processed" for r in results),
         resumed=sum(r["status"] == "resumed" for r in results),
         failed=sum(r["status"] == "failed" for r in results),
+        in_manifest=len(manifest),
     )
     if meta is not None:
         unmatched = _unmatched(meta, records, results)
@@ -355,6 +460,7 @@ def preprocess_dataset(
         "inputs": [str(p) for p in inputs],
         "metadata": None if metadata is None else meta.source,
         "label_column": meta.label_column if meta else None,
+        "keep_columns": list(keep_columns),
         "workers": workers,
         "shard": list(shard) if shard else None,
         "limit": limit,
@@ -368,12 +474,13 @@ def preprocess_dataset(
 
 def _unmatched(meta: Metadata, records: list[dict[str, Any]],
                results: list[dict[str, Any]]) -> pd.DataFrame:
-    seen = {r["image_id"] for r in records} | {r.get("image_id") for r in results}
+    seen = {original_id(r["image_id"]) for r in records}
+    seen |= {original_id(r["image_id"]) for r in results if r.get("image_id")}
     rows = [{"kind": "metadata_without_image", "image_id": image_id,
              "patient_id": meta.frame.at[image_id, "patient_id"]
              if "patient_id" in meta.frame.columns else "", "source_file": ""}
             for image_id in meta.frame.index if image_id not in seen]
     rows += [{"kind": "image_without_metadata", "image_id": r["image_id"],
               "patient_id": r["patient_id"], "source_file": r["source_file"]}
-             for r in records if r["image_id"] not in meta.frame.index]
+             for r in records if original_id(r["image_id"]) not in meta.frame.index]
     return pd.DataFrame(rows, columns=["kind", "image_id", "patient_id", "source_file"])

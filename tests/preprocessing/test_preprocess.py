@@ -56,7 +56,8 @@ def test_mini_mias_dataset_with_generic_metadata(mias_dir: Path, tmp_path: Path)
         "image_id": ["mdb001", "mdb002", "mdb009", "mdb999"],
         "patient_id": ["w1", "w1", "w5", "w9"],
         "label": ["1", "0", "", "0"],
-        "tissue": ["G", "G", "F", "D"],
+        "background_tissue": ["G", "G", "F", "D"],
+        "tissue_note": ["x", "y", "z", "w"],
         "PatientName": ["Doe^Jane"] * 4,
     })
     metadata.to_csv(tmp_path / "meta.csv", index=False)
@@ -66,13 +67,13 @@ def test_mini_mias_dataset_with_generic_metadata(mias_dir: Path, tmp_path: Path)
     assert (summary.processed, summary.failed) == (4, 0)
     assert (summary.metadata_without_image, summary.images_without_metadata) == (1, 1)
     manifest = pd.read_csv(out / "manifest.csv", dtype=str, keep_default_na=False)
-    assert list(manifest.columns) == [*CORE_COLUMNS, "tissue", *PROVENANCE_COLUMNS]
-    assert "PatientName" not in manifest.columns
+    assert list(manifest.columns) == [*CORE_COLUMNS, "background_tissue", *PROVENANCE_COLUMNS]
+    assert "PatientName" not in manifest.columns and "tissue_note" not in manifest.columns
     assert "Doe" not in (out / "manifest.csv").read_text()
     rows = manifest.set_index("image_id")
     assert rows.loc["mdb001", "patient_id"] == "w1" and rows.loc["mdb010", "patient_id"] == "mdb010"
     assert rows["label"].to_dict() == {"mdb001": "1", "mdb002": "0", "mdb009": "", "mdb010": ""}
-    assert rows.loc["mdb009", "tissue"] == "F"
+    assert rows.loc["mdb009", "background_tissue"] == "F"
     # Laterality is not recorded for mini-MIAS: it comes from the pixels, opposite in a pair.
     assert set(rows["laterality_source"]) == {"pixels"}
     assert rows.loc["mdb001", "laterality"] != rows.loc["mdb002", "laterality"]
@@ -274,3 +275,92 @@ def test_workers_fall_back_when_main_cannot_be_reimported(tmp_path: Path) -> Non
     subprocess.run([sys.executable, "-"], input=code, text=True, check=True, timeout=300,
                    capture_output=True)
     assert len(pd.read_csv(tmp_path / "out" / "manifest.csv")) == 2
+
+
+def _phantom_pngs(folder: Path, names: list[str]) -> list[Path]:
+    """8-bit PNG breast phantoms (each a little different) named ``<name>.png``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, name in enumerate(names):
+        pixels, _ = breast_phantom(120 + 8 * index, 90)
+        path = folder / f"{name}.png"
+        Image.fromarray((pixels >> 4).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_rerun_on_a_subset_or_on_copies_keeps_every_image(tmp_path: Path) -> None:
+    files = _phantom_pngs(tmp_path / "in", ["i1", "i2", "i3", "i4"])
+    out = tmp_path / "ds"
+    assert preprocess_dataset(files, out, config=SMALL, workers=1, progress=False).processed == 4
+    subset = preprocess_dataset(files[:1], out, config=SMALL, workers=1, progress=False)
+    assert (subset.resumed, subset.in_manifest) == (1, 4)
+    assert sorted(pd.read_csv(out / "manifest.csv", dtype=str)["image_id"]) == [
+        "i1", "i2", "i3", "i4"]
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for path in files[2:]:
+        shutil.copy(path, copies / path.name)
+    rerun = preprocess_dataset([copies], out, config=SMALL, workers=1, progress=False)
+    assert (rerun.failed, rerun.in_manifest) == (2, 4)
+    failures = pd.read_csv(out / "failures.csv", dtype=str)
+    assert set(failures["stage"]) == {"ids"} and failures["reason"].str.contains("duplicate").all()
+    assert len(pd.read_csv(out / "manifest.csv")) == 4
+
+
+def test_new_metadata_moves_an_image_to_its_patient_without_leaving_a_copy(tmp_path: Path) -> None:
+    files = _phantom_pngs(tmp_path / "in", ["i1", "i2"])
+    out = tmp_path / "ds"
+    preprocess_dataset(files, out, config=SMALL, workers=1, progress=False)
+    metadata = pd.DataFrame({"image_id": ["i1", "i2"], "patient_id": ["w", "w"]})
+    summary = preprocess_dataset(files, out, config=SMALL, metadata=metadata, workers=1,
+                                 progress=False)
+    assert summary.in_manifest == 2
+    assert sorted(p.relative_to(out).as_posix() for p in (out / "images").rglob("*.png")) == [
+        "images/w/i1.png", "images/w/i2.png"]
+    assert set(pd.read_csv(out / "manifest.csv", dtype=str)["patient_id"]) == {"w"}
+
+
+def test_distinct_ids_are_never_merged(tmp_path: Path) -> None:
+    files = _phantom_pngs(tmp_path / "in", ["乳腺1", "乳房1", "a b", "a_b"])
+    metadata = pd.DataFrame({"image_id": ["乳腺1", "乳房1", "a b", "a_b"],
+                             "patient_id": ["a/b", "a/b", "a_b", "a_b"]})
+    out = tmp_path / "ds"
+    summary = preprocess_dataset(files, out, config=SMALL, metadata=metadata, workers=2,
+                                 progress=False)
+    assert (summary.processed, summary.failed, summary.images_without_metadata) == (4, 0, 0)
+    manifest = pd.read_csv(out / "manifest.csv", dtype=str)
+    assert manifest["image_id"].nunique() == 4 and manifest["patient_id"].nunique() == 2
+    for _, row in manifest.iterrows():
+        assert (out / row["path"]).is_file()
+        assert Path(row["path"]).parent.parent.name == "images"  # no id left its folder
+
+
+def test_resume_remakes_a_damaged_png_and_leaves_out_one_it_cannot(tmp_path: Path) -> None:
+    files = _phantom_pngs(tmp_path / "in", ["i1", "i2", "i3"])
+    out = tmp_path / "ds"
+    preprocess_dataset(files, out, config=SMALL, workers=1, progress=False)
+    png = out / "images" / "i1" / "i1.png"
+    good = png.read_bytes()
+    png.write_bytes(good[: len(good) // 2])  # cut by a full disk or a kill during a copy
+    again = preprocess_dataset(files, out, config=SMALL, workers=1, progress=False)
+    assert (again.processed, again.resumed) == (1, 2)
+    assert png.read_bytes() == good
+    # Damaged while its source is not part of the rerun: left out of the manifest and reported.
+    (out / "images" / "i2" / "i2.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    subset = preprocess_dataset(files[2:], out, config=SMALL, workers=1, progress=False)
+    assert subset.in_manifest == 2
+    failures = pd.read_csv(out / "failures.csv", dtype=str)
+    assert failures["reason"].str.contains("images/i2/i2.png is missing or damaged").any()
+    fixed = preprocess_dataset(files[1:2], out, config=SMALL, workers=1, progress=False)
+    assert (fixed.processed, fixed.in_manifest) == (1, 3)
+    assert pd.read_csv(out / "failures.csv").empty
+
+
+def test_bad_metadata_fails_before_the_dataset_folder_is_made(tmp_path: Path) -> None:
+    files = _phantom_pngs(tmp_path / "in", ["i1"])
+    metadata = pd.DataFrame({"image_id": ["i1", "i1"], "patient_id": ["p1", "p2"]})
+    with pytest.raises(InputError, match="image i1 is listed with patient_id"):
+        preprocess_dataset(files, tmp_path / "ds", config=SMALL, metadata=metadata,
+                           workers=1, progress=False)
+    assert not (tmp_path / "ds").exists()
