@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     import pandas as pd
 
-    from cvae_mammo.data.dataset import MANIFEST_NAME, MammoDataset
+    from cvae_mammo.data.dataset import MANIFEST_NAME, MammoDataset, resolve_splits_path
     from cvae_mammo.data.metadata import normalise_metadata
     from cvae_mammo.data.splits import make_splits, write_splits
     from cvae_mammo.errors import InputError
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         stratify=stratify,
         label_column="label",
     )
-    out = Path(args.out) if Path(args.out).is_absolute() else root / args.out
+    out = resolve_splits_path(root, args.out)
     write_splits(splits, out)
     LOGGER.info("wrote %s (%d images, seed %d)", out, len(splits), args.seed)
     dataset = MammoDataset.open(root, out, label_column=args.label_column, check_images=False)

@@ -39,6 +39,16 @@ def _read_csv(path: Path, what: str) -> pd.DataFrame:
         raise InputError(f"{path}: cannot read {what} ({error})") from error
 
 
+def resolve_splits_path(dataset_dir: PathLike, splits: PathLike = SPLITS_NAME) -> Path:
+    """Where a split file is: ``splits`` itself when absolute, else inside ``dataset_dir``.
+
+    The one place a split file name is resolved; the result is absolute, so
+    resolving it again gives the same file.
+    """
+    path = Path(splits)
+    return (path if path.is_absolute() else Path(dataset_dir) / path).absolute()
+
+
 def _examples(values: Sequence[Any], limit: int = 3) -> str:
     shown = ", ".join(str(v) for v in list(values)[:limit])
     return shown + (f" ... ({len(values)} in all)" if len(values) > limit else "")
@@ -80,17 +90,17 @@ class MammoDataset:
             raise InputError(f"{root}: dataset folder not found")
         manifest_path = root / MANIFEST_NAME
         frame = normalise_metadata(_read_csv(manifest_path, "manifest"), label_column)
-        splits_path = None
+        split_file = None
         if splits is not None:
-            splits_path = Path(splits) if Path(splits).is_absolute() else root / splits
-            if not splits_path.is_file():
-                raise InputError(f"{splits_path}: split file not found "
+            split_file = resolve_splits_path(root, splits)
+            if not split_file.is_file():
+                raise InputError(f"{split_file}: split file not found "
                                  f"(run `cvae-mammo split {root}` first)")
-            frame = _join_splits(frame, _read_csv(splits_path, "split file"), splits_path, fold)
+            frame = _join_splits(frame, _read_csv(split_file, "split file"), split_file, fold)
         if check_images and "path" in frame.columns:
             _check_images(root, frame, manifest_path)
         return cls(root=root, frame=frame.reset_index(drop=True), manifest_path=manifest_path,
-                   splits_path=splits_path)
+                   splits_path=split_file)
 
     def subset(self, split: str | Sequence[str] | None = None,
                label: int | str | None = None) -> pd.DataFrame:

@@ -115,3 +115,16 @@ def test_write_splits_atomic_csv(tmp_path):
     assert list(back.columns) == ["image_id", "patient_id", "split", "fold"]
     pd.testing.assert_frame_equal(back, splits, check_dtype=False)
     assert [p.name for p in tmp_path.iterdir()] == ["splits.csv"]  # no temporary left behind
+
+
+def test_split_cli_with_a_relative_dataset_path(tmp_path, monkeypatch, capsys):
+    from cvae_mammo.cli import main
+
+    (tmp_path / "ds").mkdir()
+    _toy(20, 4).to_csv(tmp_path / "ds" / "manifest.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["split", "ds", "--val", "0.2", "--test", "0.2"]) == 0, capsys.readouterr().err
+    assert "total" in capsys.readouterr().out
+    assert len(pd.read_csv(tmp_path / "ds" / "splits.csv")) == 40
+    assert main(["split", "ds", "--val", "0.2", "--test", "0.2", "--out", "other.csv"]) == 0
+    assert (tmp_path / "ds" / "other.csv").is_file() and not (tmp_path / "ds" / "ds").exists()
