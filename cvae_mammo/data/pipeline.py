@@ -48,12 +48,6 @@ _reported_lock = threading.Lock()
 _reported: set[str] = set()
 
 
-def skipped_paths() -> list[str]:
-    """Paths that a pipeline in this process skipped as missing or unreadable."""
-    with _reported_lock:
-        return sorted(_reported)
-
-
 def _report_once(path: str, reason: str) -> None:
     with _reported_lock:
         if path in _reported:
