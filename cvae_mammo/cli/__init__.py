@@ -11,12 +11,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from cvae_mammo._version import __version__
 from cvae_mammo.errors import InputError
+
+#: Exceptions that mean bad input (a file, a column, an option): one line, exit status 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    InputError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+    PermissionError,
+)
 
 #: command name -> (module, one-line help), in pipeline order.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -36,7 +42,9 @@ def _usage() -> str:
     lines = [
         f"cvae-mammo {__version__}: anomaly detection on screening mammograms",
         "",
-        "usage: cvae-mammo COMMAND [options]   (cvae-mammo COMMAND --help for its options)",
+        "usage: cvae-mammo [-v] COMMAND [options]   (cvae-mammo COMMAND --help for its options)",
+        "",
+        "  -v, --verbose  debug logging, and the traceback of an error",
         "",
         "commands:",
     ]
@@ -53,14 +61,28 @@ def build_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
         description=(module.__doc__ or help_text).strip(),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the traceback of an error")
     module.add_arguments(parser)
     return parser, module
 
 
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (Keras and YAML messages span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``cvae-mammo``; returns the process exit status."""
+    """Entry point of ``cvae-mammo``; returns the process exit status.
+
+    A user error (bad input file, option or config; exit status 2) and an
+    unexpected failure (exit status 1) are reported on one line of stderr;
+    ``-v`` before or after the command adds debug logging and the traceback.
+    """
     args_list = list(sys.argv[1:] if argv is None else argv)
+    verbose = bool(args_list) and args_list[0] in {"-v", "--verbose"}
+    if verbose:
+        args_list = args_list[1:]
     if not args_list or args_list[0] in {"-h", "--help", "help"}:
         print(_usage())
         return 0
@@ -73,18 +95,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     parser, module = build_parser(command)
     args = parser.parse_args(args_list[1:])
+    args.verbose = verbose = verbose or args.verbose
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     try:
         return int(module.run(args) or 0)
-    except (InputError, FileNotFoundError, FileExistsError) as error:
-        if os.environ.get("CVAE_MAMMO_DEBUG"):
-            raise
-        print(f"cvae-mammo {command}: error: {error}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as error:
+        return _report(command, error, 2, f"error: {one_line(error)}", verbose)
+    except KeyboardInterrupt as error:
+        return _report(command, error, 130, "interrupted", verbose)
+    except Exception as error:  # a bug, not the user's input: say so, on one line
+        hint = "" if verbose else " (run with -v for the traceback)"
+        return _report(command, error, 1, f"internal error: {type(error).__name__}: "
+                                          f"{one_line(error)}{hint}", verbose)
+
+
+def _report(command: str, error: BaseException, status: int, text: str, verbose: bool) -> int:
+    """Print the traceback (verbose only) and the one-line message; return the exit status."""
+    if verbose:
+        traceback.print_exception(error)
+    print(f"cvae-mammo {command}: {text}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of everything random")
     parser.add_argument("--resume", action="store_true",
                         help="continue --out from its last per-epoch checkpoint")
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="with --resume: continue even though --data's manifest.csv or "
+                             "splits.csv differs from the run's (metadata.json keeps both)")
     parser.add_argument("--loss", choices=("focal", "bce"), default=None,
                         help="binary focal cross-entropy (default) or class-weighted BCE")
     parser.add_argument("--freeze-epochs", type=int, default=None,
@@ -82,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
             args.data, args.out, config=config, backbone=args.backbone, weights=args.weights,
             epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size,
             seed=args.seed, resume=args.resume, loss=args.loss,
-            freeze_epochs=args.freeze_epochs, precision=args.precision, xla=args.xla)
+            freeze_epochs=args.freeze_epochs, precision=args.precision, xla=args.xla,
+            allow_data_change=args.allow_data_change)
     except TrainingDivergedError as error:
         print(f"cvae-mammo fit-classifier: training diverged: {error}", file=sys.stderr)
         return 3

@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of everything random")
     parser.add_argument("--resume", action="store_true",
                         help="continue --out from its last per-epoch checkpoint")
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="with --resume: continue even though --data's manifest.csv or "
+                             "splits.csv differs from the run's (metadata.json keeps both)")
     parser.add_argument("--precision", choices=("float32", "mixed"), default="float32",
                         help="mixed = float16 compute on GPU (bfloat16 on CPU)")
     parser.add_argument("--xla", choices=("auto", "on", "off"), default="auto",
@@ -47,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         run_dir = fit_cvae(args.data, args.out, config=args.config, epochs=args.epochs,
                            batch_size=args.batch_size, image_size=args.image_size,
                            seed=args.seed, resume=args.resume, precision=args.precision,
-                           xla=args.xla, conditioning=args.condition)
+                           xla=args.xla, conditioning=args.condition,
+                           allow_data_change=args.allow_data_change)
     except TrainingDivergedError as error:
         print(f"cvae-mammo fit-cvae: training diverged: {error}", file=sys.stderr)
         return 3

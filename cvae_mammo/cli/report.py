@@ -59,13 +59,20 @@ def _read_metadata(run_dir: Path) -> dict[str, Any]:
 
 def check_split_hashes(run_dirs: Sequence[Path], data_dir: Path,
                        allow_different: bool = False) -> list[str]:
-    """Refuse runs whose split files differ from each other or from the dataset's splits.csv.
+    """Refuse runs whose split files differ from each other or from the dataset's splits.csv,
+    or that were resumed on another split file (``earlier_data`` in metadata.json).
 
     Returns warnings (the mismatches when ``allow_different``, or missing hashes).
     """
-    hashes = {run_dir: _read_metadata(run_dir).get("splits_sha256") for run_dir in run_dirs}
+    metadata = {run_dir: _read_metadata(run_dir) for run_dir in run_dirs}
+    hashes = {run_dir: values.get("splits_sha256") for run_dir, values in metadata.items()}
     splits_path = data_dir / "splits.csv"
     problems = []
+    resumed = [d.name for d, values in metadata.items()
+               if any(e.get("splits_sha256") != hashes[d] for e in values.get("earlier_data", []))]
+    if resumed:
+        problems.append(f"run(s) {', '.join(resumed)} were also trained on other split files "
+                        "(resumed with --allow-data-change; see earlier_data in metadata.json)")
     known = {h for h in hashes.values() if h}
     if len(known) > 1:
         listing = ", ".join(f"{d.name}: {str(h)[:12]}" for d, h in hashes.items())

@@ -60,7 +60,13 @@ from cvae_mammo.training.common import (
     set_global_seed,
     standard_callbacks,
 )
-from cvae_mammo.training.runs import MODEL_NAME, prepare_run_dir, run_config, write_run_metadata
+from cvae_mammo.training.runs import (
+    MODEL_NAME,
+    load_keras_model,
+    prepare_run_dir,
+    run_config,
+    write_run_metadata,
+)
 
 LOGGER = logging.getLogger(__name__)
 MONITOR_KEY = "val_monitor_deficit"
@@ -75,10 +81,7 @@ def resolve_config(config: ClassifierConfig | PathLike | None) -> ClassifierConf
     path = Path(config)
     if not path.is_file():
         raise InputError(f"{path}: classifier config file not found")
-    try:
-        return ClassifierConfig.load(path)
-    except (ValueError, TypeError) as error:
-        raise InputError(f"{path}: {error}") from error
+    return ClassifierConfig.load(path)  # content problems: InputError naming the file
 
 
 def labelled_frames(dataset: MammoDataset) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -204,13 +207,16 @@ def fit_classifier(
     xla: str | bool = "auto",
     run_eagerly: bool = False,
     command: list[str] | None = None,
+    allow_data_change: bool = False,
 ) -> Path:
     """Train the classifier on ``data_dir``'s labelled train split; return the run folder.
 
     ``config`` is a :class:`ClassifierConfig` or a JSON/YAML file; the other
     arguments override it (``weights="none"`` for random initialisation).
     ``resume=True`` continues ``out_dir`` from its last per-epoch checkpoint
-    (``epochs`` counts from the start of the run). Raises
+    (``epochs`` counts from the start of the run), on the same manifest and
+    split file unless ``allow_data_change``. Inputs are checked before
+    ``out_dir`` is created. Raises
     :class:`~cvae_mammo.errors.TrainingDivergedError` on a NaN/inf loss.
     """
     cfg = resolve_config(config).replace(
@@ -230,11 +236,12 @@ def fit_classifier(
     model_part, training_part = split_config(cfg)
     training_part.update(dtype_policy=policy, xla=str(xla), train="train split, known labels",
                          validation="val split, known labels")
+    train_frame, val_frame = labelled_frames(dataset)
     run_dir = prepare_run_dir(out_dir, run_config("classifier", cfg.image_size, model_part,
-                                                  training_part, encoder), resume=resume)
+                                                  training_part, encoder), resume=resume,
+                              dataset_dir=data_dir, allow_data_change=allow_data_change)
     write_run_metadata(run_dir, data_dir, seed, command if command is not None else sys.argv)
 
-    train_frame, val_frame = labelled_frames(dataset)
     train_ds, val_ds, steps = classifier_pipelines(dataset, cfg, encoder, seed)
     LOGGER.info("fit-classifier %s: %d train (%d positive), %d val, %s, %d steps/epoch, run %s",
                 cfg.backbone, len(train_frame), int((train_frame["label"] == 1).sum()),
@@ -245,11 +252,14 @@ def fit_classifier(
     with distribution_strategy().scope():
         if point is not None:
             LOGGER.info("resuming from %s after epoch %d", point.checkpoint, point.epoch)
-            model = keras.models.load_model(point.checkpoint)
+            model = load_keras_model(point.checkpoint)
         else:
             model = build_classifier(cfg)
     monitored = val_ds is not None
     phases = [(True, cfg.freeze_epochs), (False, cfg.epochs)]
+    if point is not None and point.stopped_early:
+        LOGGER.info("early stopping ended this run after epoch %d: nothing to resume", point.epoch)
+        phases = []
     for (frozen, end), start in zip(phases, (0, cfg.freeze_epochs)):
         if initial_epoch >= end:
             continue

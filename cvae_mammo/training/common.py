@@ -13,7 +13,8 @@
   (``history.csv`` rewritten atomically each epoch), :class:`ThroughputProgress`
   (tqdm bar with images/s and ETA), :class:`ResumableEarlyStopping`, and
   :func:`standard_callbacks` assembling them with TensorBoard.
-- Resume: :func:`resume_point` returns the checkpoint and epoch to continue from.
+- Resume: :func:`resume_point` returns the checkpoint and epoch to continue from,
+  with the early-stopping state of that same epoch (and whether it ended the run).
 
 A typical loop::
 
@@ -43,7 +44,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from cvae_mammo.errors import TrainingDivergedError
+from cvae_mammo.errors import InputError, TrainingDivergedError
 from cvae_mammo.fileio import PathLike, atomic_write_csv, atomic_write_json, read_json
 
 LOGGER = logging.getLogger(__name__)
@@ -136,6 +137,11 @@ class ResumePoint:
     epoch: int
     state: dict[str, Any]
 
+    @property
+    def stopped_early(self) -> bool:
+        """True when early stopping ended the run at :attr:`epoch`: there is nothing to continue."""
+        return bool(self.state.get("stopped_early", False))
+
 
 def resume_point(run_dir: PathLike) -> ResumePoint | None:
     """The last per-epoch checkpoint of ``run_dir``, or None when there is none yet."""
@@ -143,8 +149,13 @@ def resume_point(run_dir: PathLike) -> ResumePoint | None:
     state_path = folder / STATE_NAME
     if not state_path.is_file() or not (folder / LAST_CHECKPOINT).is_file():
         return None
-    state = read_json(state_path)
-    return ResumePoint(checkpoint=folder / LAST_CHECKPOINT, epoch=int(state["epoch"]), state=state)
+    try:
+        state = read_json(state_path)
+        epoch = int(state["epoch"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise InputError(f"{state_path}: damaged checkpoint state ({error}); cannot resume"
+                         ) from error
+    return ResumePoint(checkpoint=folder / LAST_CHECKPOINT, epoch=epoch, state=state)
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
@@ -165,7 +176,10 @@ class EpochCheckpoint(keras.callbacks.Callback):
     """Save ``last.keras`` every epoch and ``best.keras`` on improvement, with ``state.json``.
 
     An epoch whose logs hold a non-finite value is not saved, so the last
-    checkpoint on disk is always a good one.
+    checkpoint on disk is always a good one. ``state.json`` records the
+    early-stopping state after this epoch, so the callback must come AFTER
+    ``early_stopping`` in the callback list (as :func:`standard_callbacks`
+    puts it): Keras calls callbacks in list order.
     """
 
     def __init__(self, run_dir: PathLike, monitor: str = "val_loss",
@@ -192,7 +206,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         if self.early_stopping is not None:
             best = self.early_stopping.best
             state.update(best=None if best is None else float(best),
-                         wait=int(self.early_stopping.wait))
+                         wait=int(self.early_stopping.wait),
+                         stopped_early=bool(self.model.stop_training))
         atomic_write_json(self.folder / STATE_NAME, state)
 
 
@@ -305,9 +320,8 @@ def standard_callbacks(
     if patience is not None:
         early = ResumableEarlyStopping(state=state, monitor=monitor, patience=int(patience),
                                        mode="min")
+        callbacks.append(early)  # before the checkpoint, which saves its state of this epoch
     callbacks.append(EpochCheckpoint(run_dir, monitor=monitor, early_stopping=early, state=state))
-    if early is not None:
-        callbacks.append(early)
     callbacks += [HistoryCSV(run_dir / HISTORY_NAME, initial_epoch),
                   ThroughputProgress(batch_size, steps_per_epoch, epochs)]
     if tensorboard and importlib.util.find_spec("tensorboard") is not None:

@@ -54,7 +54,13 @@ from cvae_mammo.training.common import (
     set_global_seed,
     standard_callbacks,
 )
-from cvae_mammo.training.runs import MODEL_NAME, prepare_run_dir, run_config, write_run_metadata
+from cvae_mammo.training.runs import (
+    MODEL_NAME,
+    load_keras_model,
+    prepare_run_dir,
+    run_config,
+    write_run_metadata,
+)
 
 LOGGER = logging.getLogger(__name__)
 PRESETS = {"default": CVAEConfig, "small": CVAEConfig.small}
@@ -72,10 +78,7 @@ def resolve_config(config: CVAEConfig | PathLike | None) -> CVAEConfig:
     if not path.is_file():
         raise InputError(f"{path}: CVAE config file not found (or use a preset: "
                          f"{', '.join(PRESETS)})")
-    try:
-        return CVAEConfig.load(path)
-    except (ValueError, TypeError) as error:
-        raise InputError(f"{path}: {error}") from error
+    return CVAEConfig.load(path)  # content problems: InputError naming the file
 
 
 def training_frames(dataset: MammoDataset, bilateral: bool = False
@@ -216,6 +219,7 @@ def fit_cvae(
     xla: str | bool = "auto",
     conditioning: list[str] | tuple[str, ...] | None = None,
     command: list[str] | None = None,
+    allow_data_change: bool = False,
 ) -> Path:
     """Train a CVAE on ``data_dir``'s train negatives and return the run folder ``out_dir``.
 
@@ -223,8 +227,10 @@ def fit_cvae(
     1456x728, ``small`` for CPU) or a JSON/YAML file; ``epochs``,
     ``batch_size``, ``image_size`` and ``conditioning`` (metadata columns)
     override it. ``resume=True`` continues ``out_dir`` from its last
-    per-epoch checkpoint (``epochs`` counts from the start of the run).
-    Raises :class:`~cvae_mammo.errors.TrainingDivergedError` on a NaN/inf loss.
+    per-epoch checkpoint (``epochs`` counts from the start of the run), on
+    the same manifest and split file unless ``allow_data_change``. Inputs are
+    checked before ``out_dir`` is created. Raises
+    :class:`~cvae_mammo.errors.TrainingDivergedError` on a NaN/inf loss.
     """
     cfg = resolve_config(config).replace(
         epochs=epochs, batch_size=batch_size,
@@ -239,10 +245,11 @@ def fit_cvae(
     training.update(seed=seed, precision=precision, dtype_policy=policy, xla=str(xla),
                     train="train split, label 0", validation="val split, label 0")
     payload = run_config("cvae", cfg.image_size, model_options, training, encoder)
-    run_dir = prepare_run_dir(out_dir, payload, resume=resume)
+    train_frame, val_frame = training_frames(dataset, cfg.bilateral)
+    run_dir = prepare_run_dir(out_dir, payload, resume=resume, dataset_dir=data_dir,
+                              allow_data_change=allow_data_change)
     write_run_metadata(run_dir, data_dir, seed, command if command is not None else sys.argv)
 
-    train_frame, val_frame = training_frames(dataset, cfg.bilateral)
     train_ds, val_ds = cvae_pipelines(dataset, cfg, encoder, seed)
     steps = max(1, len(train_frame) // cfg.batch_size)
     LOGGER.info("fit-cvae: %d train negatives, %d val negatives, %s, %d steps/epoch, run %s",
@@ -252,7 +259,7 @@ def fit_cvae(
     with distribution_strategy().scope():
         if point is not None:
             LOGGER.info("resuming from %s after epoch %d", point.checkpoint, point.epoch)
-            model = keras.models.load_model(point.checkpoint)
+            model = load_keras_model(point.checkpoint)
         else:
             model = build_cvae(cfg, seed=seed)
             model.compile(optimizer=make_optimizer(
@@ -269,7 +276,9 @@ def fit_cvae(
         state=point.state if point is not None else None)
     callbacks.append(ReconstructionSnapshots(run_dir / "reconstructions", snapshots,
                                              cfg.recon_every, cfg.mask_threshold))
-    if initial_epoch < cfg.epochs:
+    if point is not None and point.stopped_early:
+        LOGGER.info("early stopping ended this run after epoch %d: nothing to resume", point.epoch)
+    elif initial_epoch < cfg.epochs:
         model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs,
                   initial_epoch=initial_epoch, callbacks=callbacks, verbose=0)
     return _finish(run_dir, model, train_frame, val_frame, dataset.root, cfg, encoder, snapshots)

@@ -11,9 +11,13 @@ A run folder holds::
     history.csv, logs/ (TensorBoard), checkpoints/ (per-epoch, for --resume)
 
 :func:`prepare_run_dir` refuses to reuse a folder that already holds a run
-unless resuming that same run. :func:`load_run_model` and
+unless resuming that same run on the same data: a resume whose dataset
+manifest or split file differs from the ones in ``metadata.json`` is refused
+unless ``allow_data_change`` (``--allow-data-change``), and then
+``metadata.json`` keeps the earlier hashes under ``earlier_data`` so the
+report's split check still sees them. :func:`load_run_model` and
 :func:`load_run_encoder` rebuild what predict needs from the folder alone.
-TensorFlow is imported only by :func:`load_run_model`.
+TensorFlow is imported only by :func:`load_keras_model`.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from __future__ import annotations
 import datetime as _dt
 import importlib
 import json
+import logging
 import shlex
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +36,7 @@ from cvae_mammo.data.metadata import MetadataEncoder
 from cvae_mammo.errors import InputError
 from cvae_mammo.fileio import PathLike, atomic_write_json, file_sha256, package_versions, read_json
 
+LOGGER = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 METADATA_NAME = "metadata.json"
 MODEL_NAME = "model.keras"
@@ -39,6 +46,9 @@ MODEL_MODULES: dict[str, str] = {
     "cvae": "cvae_mammo.models.cvae",
     "classifier": "cvae_mammo.models.classifier",
 }
+
+#: metadata.json keys holding the dataset's file hashes -> the file each hashes.
+DATA_FILES: dict[str, str] = {"manifest_sha256": "manifest.csv", "splits_sha256": "splits.csv"}
 
 #: How images reach the models: PNG pixels divided by the dtype's maximum (data.read_image).
 DEFAULT_NORMALISATION: dict[str, Any] = {
@@ -72,13 +82,18 @@ def run_config(
     }
 
 
-def prepare_run_dir(out_dir: PathLike, config: dict[str, Any], resume: bool = False) -> Path:
+def prepare_run_dir(out_dir: PathLike, config: dict[str, Any], resume: bool = False,
+                    dataset_dir: PathLike | None = None,
+                    allow_data_change: bool = False) -> Path:
     """Create ``out_dir`` and write ``config.json``; on resume check it matches the saved one.
 
-    Raises :class:`FileExistsError` when the folder already holds a run (or
-    other files) and ``resume`` is false, and :class:`InputError` when
-    resuming with a different model type, image size, normalisation, model
-    or conditioning; the ``training`` section may differ and is rewritten.
+    Everything is checked before anything is written. Raises
+    :class:`FileExistsError` when the folder already holds a run (or other
+    files) and ``resume`` is false, and :class:`InputError` when resuming with
+    a different model type, image size, normalisation, model or conditioning,
+    or (given ``dataset_dir``) on a dataset whose manifest or split file
+    differs from the run's, unless ``allow_data_change``. The ``training``
+    section may differ and is rewritten.
     """
     run_dir = Path(out_dir)
     config_path = run_dir / CONFIG_NAME
@@ -87,13 +102,15 @@ def prepare_run_dir(out_dir: PathLike, config: dict[str, Any], resume: bool = Fa
             raise FileExistsError(
                 f"{run_dir}: already holds a run ({CONFIG_NAME} exists); pass --resume to "
                 "continue it or choose another --out")
-        saved = read_json(config_path)
+        saved = _read_run_json(config_path)
         wanted = json.loads(json.dumps(config))  # tuples -> lists, as saved
         for key in ("model_type", "image_size", "normalisation", "model", "conditioning"):
             if saved.get(key) != wanted.get(key):
                 raise InputError(
                     f"{config_path}: cannot resume, '{key}' differs from this run's "
                     f"(saved {saved.get(key)!r}, now {wanted.get(key)!r})")
+        if dataset_dir is not None:
+            _check_same_data(run_dir, dataset_dir, allow_data_change)
         atomic_write_json(config_path, config)  # the training section may change (e.g. epochs)
         return run_dir
     if resume:
@@ -105,6 +122,34 @@ def prepare_run_dir(out_dir: PathLike, config: dict[str, Any], resume: bool = Fa
     return run_dir
 
 
+def dataset_hashes(dataset_dir: PathLike | None) -> dict[str, str | None]:
+    """SHA-256 of the dataset's ``manifest.csv`` and ``splits.csv`` (None when absent)."""
+    hashes: dict[str, str | None] = dict.fromkeys(DATA_FILES)
+    if dataset_dir is not None:
+        for key, name in DATA_FILES.items():
+            path = Path(dataset_dir) / name
+            hashes[key] = file_sha256(path) if path.is_file() else None
+    return hashes
+
+
+def _check_same_data(run_dir: Path, dataset_dir: PathLike, allow_data_change: bool) -> None:
+    """Refuse to resume on another manifest or split file than the run was trained on."""
+    metadata_path = run_dir / METADATA_NAME
+    saved = _read_run_json(metadata_path) if metadata_path.is_file() else {}
+    now = dataset_hashes(dataset_dir)
+    changed = [f"{Path(dataset_dir) / DATA_FILES[key]} (sha256 {str(saved.get(key))[:12]} in "
+               f"{METADATA_NAME}, now {str(value)[:12]})"
+               for key, value in now.items() if saved.get(key) != value]
+    if not changed:
+        return
+    text = f"{metadata_path}: this run was trained on other data: {'; '.join(changed)}"
+    if not allow_data_change:
+        raise InputError(f"{text}; cannot resume (pass --allow-data-change to continue on the "
+                         "new data anyway)")
+    LOGGER.warning("%s; resuming anyway (--allow-data-change): %s keeps the earlier hashes",
+                   text, METADATA_NAME)
+
+
 def write_run_metadata(
     run_dir: PathLike,
     dataset_dir: PathLike | None,
@@ -112,13 +157,18 @@ def write_run_metadata(
     command: list[str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write ``metadata.json``: versions, dataset/split hashes, seed and command line."""
+    """Write ``metadata.json``: versions, dataset/split hashes, seed and command line.
+
+    When the run already had a ``metadata.json`` with other dataset hashes (a
+    resume allowed to change its data), those are appended to ``earlier_data``.
+    """
     run_dir = Path(run_dir)
-    hashes: dict[str, str | None] = {"manifest_sha256": None, "splits_sha256": None}
-    if dataset_dir is not None:
-        for key, name in (("manifest_sha256", "manifest.csv"), ("splits_sha256", "splits.csv")):
-            path = Path(dataset_dir) / name
-            hashes[key] = file_sha256(path) if path.is_file() else None
+    path = run_dir / METADATA_NAME
+    previous = _read_run_json(path) if path.is_file() else {}
+    hashes = dataset_hashes(dataset_dir)
+    earlier = list(previous.get("earlier_data", []))
+    if previous and any(previous.get(key) != value for key, value in hashes.items()):
+        earlier.append({key: previous.get(key) for key in ("dataset_dir", *DATA_FILES)})
     payload = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "package_versions": package_versions(),
@@ -127,10 +177,22 @@ def write_run_metadata(
         **hashes,
         "seed": int(seed),
         "command": shlex.join(command if command is not None else sys.argv),
+        **({"earlier_data": earlier} if earlier else {}),
         **(extra or {}),
     }
-    atomic_write_json(run_dir / METADATA_NAME, payload)
+    atomic_write_json(path, payload)
     return payload
+
+
+def _read_run_json(path: Path) -> dict[str, Any]:
+    """A run folder's JSON file; a damaged one is an :class:`InputError` naming it."""
+    try:
+        values = read_json(path)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: damaged run file ({' '.join(str(error).split())})") from error
+    if not isinstance(values, dict):
+        raise InputError(f"{path}: damaged run file (expected a JSON object)")
+    return values
 
 
 def read_run_config(run_dir: PathLike) -> dict[str, Any]:
@@ -138,7 +200,7 @@ def read_run_config(run_dir: PathLike) -> dict[str, Any]:
     path = Path(run_dir) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not a run folder ({CONFIG_NAME} missing)")
-    config = read_json(path)
+    config = _read_run_json(path)
     if config.get("model_type") not in MODEL_MODULES:
         raise InputError(f"{path}: unknown model_type {config.get('model_type')!r}")
     return config
@@ -150,13 +212,33 @@ def load_run_encoder(run_dir: PathLike) -> MetadataEncoder | None:
     return None if described is None else MetadataEncoder.from_dict(described)
 
 
-def load_run_model(run_dir: PathLike, model_file: PathLike | None = None) -> Any:
-    """Load ``run_dir/model.keras`` (or ``model_file``) with the run's custom objects registered."""
+def load_keras_model(path: PathLike) -> Any:
+    """Load a ``.keras`` file in Keras safe mode.
+
+    A missing, truncated or damaged file, or one that safe mode refuses (e.g.
+    a ``Lambda`` layer with Python code), is reported naming the file:
+    :class:`FileNotFoundError` or :class:`InputError`.
+    """
     import keras
 
-    config = read_run_config(run_dir)
-    importlib.import_module(MODEL_MODULES[config["model_type"]])
-    path = Path(model_file) if model_file is not None else Path(run_dir) / MODEL_NAME
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found (training not finished?)")
-    return keras.models.load_model(path)
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{path}: not a complete .keras model file (truncated or damaged); "
+                         "retrain, or --resume from the checkpoints")
+    try:
+        return keras.models.load_model(path)
+    except ValueError as error:
+        message = " ".join(str(error).split())
+        if "safe_mode" in message:
+            raise InputError(f"{path}: refused by Keras safe mode (it holds Python code such "
+                             f"as a Lambda layer, which could run anything): {message}") from error
+        raise InputError(f"{path}: cannot load the model ({message})") from error
+
+
+def load_run_model(run_dir: PathLike, model_file: PathLike | None = None) -> Any:
+    """Load ``run_dir/model.keras`` (or ``model_file``) with the run's custom objects registered."""
+    config = read_run_config(run_dir)
+    importlib.import_module(MODEL_MODULES[config["model_type"]])
+    return load_keras_model(model_file if model_file is not None else Path(run_dir) / MODEL_NAME)
