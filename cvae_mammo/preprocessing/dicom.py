@@ -2,10 +2,11 @@
 
 Decoders (all permissively licensed):
 
-* JPEG 2000 (.90 / .91): Pillow's bundled OpenJPEG on the codestream taken from
-  the encapsulated PixelData, with ``reduce`` set before loading, so a
-  5355x4915 image can be decoded at 1/2, 1/4 ... resolution for a fraction of
-  the full cost (:meth:`DicomImage.decode` ``level``).
+* JPEG 2000 (.90 / .91): OpenJPEG on the codestream taken from the
+  encapsulated PixelData, at 1/2, 1/4 ... resolution (:meth:`DicomImage.decode`
+  ``level``) and, given a ``box``, only the window that covers it
+  (:mod:`cvae_mammo.preprocessing.jpeg2000`, the libopenjp2 Pillow bundles);
+  where that library cannot be loaded, Pillow's ``reduce`` on the whole image.
 * JPEG Lossless (.57 / .70): imagecodecs (libjpeg-turbo 3, BSD-style licence);
   JPEG-LS (.80 / .81): imagecodecs (CharLS, BSD). pylibjpeg-libjpeg (GPL) is
   never used.
@@ -22,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import struct
 import warnings
 from typing import Any
 
@@ -48,6 +48,8 @@ from pydicom.uid import (
 
 from cvae_mammo.errors import ImageReadError
 from cvae_mammo.fileio import PathLike
+from cvae_mammo.preprocessing import jpeg2000
+from cvae_mammo.preprocessing.jpeg2000 import Box, jpeg2000_header, level_window
 
 JPEG2000_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000})
 JPEG_LOSSLESS_SYNTAXES = frozenset({JPEGLossless, JPEGLosslessSV1})
@@ -60,8 +62,6 @@ NATIVE_SYNTAXES = frozenset(
 SUPPORTED_SYNTAXES = JPEG2000_SYNTAXES | JPEG_LOSSLESS_SYNTAXES | JPEG_LS_SYNTAXES | NATIVE_SYNTAXES
 
 VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
-_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
-_J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
 
 
 def is_dicom_file(path: PathLike) -> bool:
@@ -103,38 +103,60 @@ class DicomImage:
     laterality: str
     view: str
 
-    def decode(self, level: int = 0) -> np.ndarray:
-        """Stored pixel values as an integer array, at 1/2**``level`` resolution (JPEG 2000 only)."""
+    def decode(self, level: int = 0, box: Box | None = None) -> np.ndarray:
+        """Stored pixel values as an integer array, at 1/2**``level`` resolution (JPEG 2000 only).
+
+        ``box`` (x0, y0, x1, y1 in original pixels, exclusive ends) returns only
+        the samples of :func:`~cvae_mammo.preprocessing.jpeg2000.level_window`
+        that cover it; JPEG 2000 then decodes only that window (when OpenJPEG's
+        library is available; else the whole level, then cut).
+        """
         if level < 0 or level > self.resolution_levels:
             raise ValueError(f"{self.source}: resolution level {level} not in "
                              f"0..{self.resolution_levels}")
+        whole = (0, 0, self.columns, self.rows)
+        if box is not None and not (0 <= box[0] < box[2] <= self.columns
+                                    and 0 <= box[1] < box[3] <= self.rows):
+            raise ValueError(f"{self.source}: box {box} outside the {self.rows}x{self.columns} "
+                             "image")
+        x0, y0, x1, y1 = level_window(box or whole, level)
         try:
-            if self.transfer_syntax in JPEG2000_SYNTAXES and self._pillow_can_decode():
-                array = _decode_jpeg2000(self._frame(), level, self.j2k_precision)
-            elif self.transfer_syntax in JPEG_LOSSLESS_SYNTAXES and self._unsigned():
-                array = _decode_jpeg_lossless(self._frame())
-            elif self.transfer_syntax in JPEG_LS_SYNTAXES and self._unsigned():
-                import imagecodecs
-
-                array = imagecodecs.jpegls_decode(self._frame())
+            if self._jpeg2000() and jpeg2000.library() is not None:
+                array = jpeg2000.decode(self._frame(), level, box)
             else:
-                array = self.dataset.pixel_array
+                array = self._decode_whole(level)
+                self._check_shape(array, level_window(whole, level))
+                array = array[y0:y1, x0:x1]
         except ImageReadError:
             raise
         except Exception as error:
             raise ImageReadError(self.source, f"pixel data could not be decoded "
                                  f"({type(error).__name__}: {error})", "decode") from error
-        expected = (math.ceil(self.rows / 2**level), math.ceil(self.columns / 2**level))
+        self._check_shape(array, (x0, y0, x1, y1))
+        return array
+
+    def _decode_whole(self, level: int) -> np.ndarray:
+        if self._jpeg2000():
+            return _decode_jpeg2000_pillow(self._frame(), level, self.j2k_precision)
+        if self.transfer_syntax in JPEG_LOSSLESS_SYNTAXES and self._unsigned():
+            return _decode_jpeg_lossless(self._frame())
+        if self.transfer_syntax in JPEG_LS_SYNTAXES and self._unsigned():
+            import imagecodecs
+
+            return imagecodecs.jpegls_decode(self._frame())
+        return self.dataset.pixel_array
+
+    def _check_shape(self, array: np.ndarray, window: Box) -> None:
+        expected = (window[3] - window[1], window[2] - window[0])
         if array.ndim != 2 or array.shape != expected:
             raise ImageReadError(self.source, f"decoded pixels have shape {array.shape}, "
                                  f"expected {expected}", "decode")
-        return array
 
     def decode_best(self, level: int) -> tuple[np.ndarray, int]:
         """Decode at ``level``, or the nearest finer level the decoder manages.
 
-        Pillow's OpenJPEG refuses some reductions (e.g. 1/8 of a 2776x2082
-        RSNA image); returns the pixels and the level actually used.
+        Pillow's OpenJPEG path refuses some reductions (e.g. 1/8 of the real
+        RSNA images); returns the pixels and the level actually used.
         """
         while True:
             try:
@@ -147,8 +169,10 @@ class DicomImage:
     def _unsigned(self) -> bool:
         return int(self.dataset.get("PixelRepresentation", 0)) == 0
 
-    def _pillow_can_decode(self) -> bool:
-        return self._unsigned() and self.bits_stored <= 16
+    def _jpeg2000(self) -> bool:
+        """JPEG 2000 that OpenJPEG / Pillow decode here (unsigned, up to 16 bits)."""
+        return (self.transfer_syntax in JPEG2000_SYNTAXES and self._unsigned()
+                and self.bits_stored <= 16)
 
     def _frame(self) -> bytes:
         return next(generate_frames(self.dataset.PixelData, number_of_frames=1))
@@ -239,25 +263,7 @@ def _window_pairs(dataset: Dataset) -> list[tuple[float, float]]:
     return [(float(c), float(w)) for c, w in zip(centers, widths) if float(w) > 0]
 
 
-def jpeg2000_header(frame: bytes) -> tuple[int, int]:
-    """(decomposition levels, bit precision) of a J2K codestream (optionally JP2-wrapped)."""
-    start = frame.find(_J2K_SOC_SIZ)
-    if start < 0:
-        raise ValueError("no J2K codestream (SOC/SIZ markers) found")
-    # SIZ: marker, Lsiz, Rsiz, 8 x 4-byte sizes, Csiz, then Ssiz of the first component.
-    precision = (frame[start + 2 + 40] & 0x7F) + 1
-    position = start + 2
-    while position + 4 <= len(frame):
-        marker, length = struct.unpack(">HH", frame[position : position + 4])
-        if marker == 0xFF52:  # COD: Lcod, Scod, SGcod (4 bytes), then the level count
-            return frame[position + 9], precision
-        if marker in (0xFF90, 0xFF93):  # start of tile / data before any COD
-            break
-        position += 2 + length
-    raise ValueError("no COD marker in the J2K main header")
-
-
-def _decode_jpeg2000(frame: bytes, level: int, precision: int) -> np.ndarray:
+def _decode_jpeg2000_pillow(frame: bytes, level: int, precision: int) -> np.ndarray:
     with Image.open(io.BytesIO(frame)) as image:
         image.reduce = level
         image.load()

@@ -1,10 +1,12 @@
 """One mammogram (DICOM / PNG / PGM / TIFF / JPEG) -> one clean image: :func:`preprocess_image`.
 
-Decode (JPEG 2000 at the coarsest resolution level that still gives the output
-resolution after the crop), window to [0, 1] with tissue bright, find the breast
-on a thumbnail (:mod:`cvae_mammo.preprocessing.breast`), flip so the chest wall
-is on the left, crop with a margin, optionally mask the pectoral muscle, resize
-and quantise. The provenance of every step is returned with the pixels.
+Decode a cheap coarse view (JPEG 2000: the coarsest wavelet level still about
+:data:`THUMBNAIL_SIDE` pixels long), window it to [0, 1] with tissue bright and
+find the breast on it (:mod:`cvae_mammo.preprocessing.breast`); then decode,
+once, only the crop's window at the coarsest level whose quality suffices
+(:func:`choose_level`), flip so the chest wall is on the left, optionally mask
+the pectoral muscle, resize and quantise. Other formats are decoded once, whole.
+The provenance of every step is returned with the pixels.
 
 This module never imports TensorFlow.
 """
@@ -37,13 +39,20 @@ from cvae_mammo.preprocessing.dicom import (
     rescale,
 )
 from cvae_mammo.preprocessing.imageio import IMAGE_SUFFIXES, read_grayscale
+from cvae_mammo.preprocessing.jpeg2000 import Box, level_window
 
 log = logging.getLogger(__name__)
 
 #: Side of the thumbnail the breast is located on (pixels, longest side).
 THUMBNAIL_SIDE = 512
-#: Crop boxes are aligned to this many original pixels, so every JPEG 2000 level crops alike.
+#: Crop boxes are aligned to this many original pixels, so levels 0-3 crop alike.
 BOX_ALIGN = 8
+#: Original pixels by which a decoded JPEG 2000 sample may exceed an output pixel, on the axis
+#: with the least room (see :func:`choose_level`). Set from PSNR against the full-resolution
+#: path (``benchmarks/bench_preprocess.py --sweep``: levels 1-4, outputs 256x128 to 2048x1024,
+#: real and synthetic Hologic files): every case up to 2.0 gave >= 40.8 dB, the first below
+#: 40 dB came at 2.5; 1.5 keeps a margin.
+MAX_EXCESS = 1.5
 #: Views treated as MLO for pectoral-muscle masking (blank = unknown, also masked).
 MLO_VIEWS = frozenset({"MLO", "ML", "LMO", "LM", "XCCL_MLO", ""})
 #: Config fields that do not change the pixels (excluded from the settings hash).
@@ -116,9 +125,8 @@ class ProcessedImage:
 class _Decoded:
     """Stored pixels at one resolution level and how to turn them into display values."""
 
-    stored: np.ndarray  # integer pixels at 1/2**level resolution
+    stored: np.ndarray  # integer pixels of the whole image at 1/2**level resolution
     level: int
-    levels: int  # coarsest level the file offers (0: full resolution only)
     dicom: DicomImage | None
     window: WindowChoice | None = None
 
@@ -137,15 +145,33 @@ class _Decoded:
         """Display values of (a crop of) stored pixels."""
         return self.to_display(self.modality(stored))
 
+    def crop(self, box: Box, level: int) -> np.ndarray:
+        """Stored pixels of :func:`level_window` (``box``, ``level``): cut, or decoded alone."""
+        if level == self.level:
+            x0, y0, x1, y1 = level_window(box, level)
+            return self.stored[y0:y1, x0:x1]
+        return self.dicom.decode(level, box)
+
+
+def coarse_level(rows: int, columns: int, config: PreprocessConfig, levels: int) -> int:
+    """JPEG 2000 level the breast is located on: about :data:`THUMBNAIL_SIDE` long, or coarser
+    when the whole frame at that coarser level still suffices for the output."""
+    thumbnail = 0
+    while thumbnail < levels and max(rows, columns) / 2 ** (thumbnail + 1) >= THUMBNAIL_SIDE:
+        thumbnail += 1
+    return max(thumbnail, choose_level(rows, columns, config, levels))
+
 
 def _open(path: Path, config: PreprocessConfig) -> _Decoded:
-    """Decode at the coarsest level the full image allows; the crop check may refine it."""
+    """Decode the view the breast is located on: a coarse JPEG 2000 level, else the whole image."""
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return _Decoded(read_grayscale(path), 0, 0, None)
+        return _Decoded(read_grayscale(path), 0, None)
     dicom = read_dicom(path)
-    levels = dicom.resolution_levels if config.reduced_resolution else 0
-    stored, level = dicom.decode_best(choose_level(dicom.rows, dicom.columns, config, levels))
-    return _Decoded(stored, level, levels, dicom)
+    level = 0
+    if config.reduced_resolution:
+        level = coarse_level(dicom.rows, dicom.columns, config, dicom.resolution_levels)
+    stored, level = dicom.decode_best(level)
+    return _Decoded(stored, level, dicom)
 
 
 def _thumbnail(stored: np.ndarray) -> np.ndarray:
@@ -167,15 +193,19 @@ def _scale_box(box: tuple[int, int, int, int], from_shape: tuple[int, int],
 
 def choose_level(crop_height: int, crop_width: int, config: PreprocessConfig,
                  levels: int) -> int:
-    """Coarsest JPEG 2000 level (0 = full) whose crop still has the output resolution."""
-    out_h, out_w = config.image_size
-    if config.resize == "stretch":
-        room = min(crop_height / out_h, crop_width / out_w)
-    else:
-        room = max(crop_height / out_h, crop_width / out_w)
-    if room < 2.0:
-        return 0
-    return min(levels, math.floor(math.log2(room)))
+    """Coarsest JPEG 2000 level (0 = full, at most ``levels``) whose quality suffices for the crop.
+
+    Level L qualifies when a decoded sample, ``2**L`` original pixels wide,
+    spans at most :data:`MAX_EXCESS` original pixels more than an output pixel
+    on the axis with the least room. Mammographic texture has a power-law
+    spectrum (about 1/f**3), so what a coarser level loses, the band between its
+    Nyquist frequency and the output's, grows with that difference of periods
+    rather than with their ratio: mild upsampling of a large output loses
+    little, a coarse level for a small output loses much.
+    """
+    out_h, out_w = _output_shape(crop_height, crop_width, config)
+    span = min(crop_height / out_h, crop_width / out_w) + MAX_EXCESS
+    return min(levels, math.floor(math.log2(span)))
 
 
 def _output_shape(height: int, width: int, config: PreprocessConfig) -> tuple[int, int]:
@@ -187,9 +217,8 @@ def _output_shape(height: int, width: int, config: PreprocessConfig) -> tuple[in
     return min(out_h, max(1, round(height * factor))), min(out_w, max(1, round(width * factor)))
 
 
-def _resample(crop: np.ndarray, level: int, full_size: tuple[int, int],
-              shape: tuple[int, int]) -> np.ndarray:
-    """Resample a crop decoded at ``level`` (covering ``full_size`` original pixels) to ``shape``.
+def _resample(crop: np.ndarray, level: int, box: Box, shape: tuple[int, int]) -> np.ndarray:
+    """Resample ``crop`` (:func:`level_window` of ``box`` at ``level``) to ``shape``.
 
     At full resolution this is an area resize. A JPEG 2000 LL band sample k
     is centred on original pixel ``2**level * k``, not on the middle of its
@@ -203,15 +232,19 @@ def _resample(crop: np.ndarray, level: int, full_size: tuple[int, int],
         method = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
         return cv2.resize(crop, (out_w, out_h), interpolation=method)
     step = float(2**level)
-    sy, sx = full_size[0] / out_h, full_size[1] / out_w  # original pixels per output pixel
+    x0, y0, x1, y1 = box
+    first_x, first_y = level_window(box, level)[:2]
+    sy, sx = (y1 - y0) / out_h, (x1 - x0) / out_w  # original pixels per output pixel
     ry, rx = sy / step, sx / step  # decoded pixels per output pixel
     if max(ry, rx) > 1.0:
         sigma_y = 0.5 * math.sqrt(max(ry, 1.0) ** 2 - 1.0)
         sigma_x = 0.5 * math.sqrt(max(rx, 1.0) ** 2 - 1.0)
         crop = cv2.GaussianBlur(crop, (0, 0), sigmaX=max(sigma_x, 1e-3),
                                 sigmaY=max(sigma_y, 1e-3), borderType=cv2.BORDER_REPLICATE)
-    matrix = np.array([[rx, 0.0, (0.5 * sx - 0.5) / step],
-                       [0.0, ry, (0.5 * sy - 0.5) / step]], dtype=np.float64)
+    # Output pixel j is centred on original x0 + (j + 0.5) sx - 0.5; crop sample k on
+    # step * (first_x + k).
+    matrix = np.array([[rx, 0.0, (x0 + 0.5 * sx - 0.5) / step - first_x],
+                       [0.0, ry, (y0 + 0.5 * sy - 0.5) / step - first_y]], dtype=np.float64)
     return cv2.warpAffine(crop, matrix, (out_w, out_h),
                           flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                           borderMode=cv2.BORDER_REPLICATE)
@@ -264,14 +297,17 @@ def _quantise(image: np.ndarray, bits: int) -> np.ndarray:
 
 def preprocess_image(path: PathLike, config: PreprocessConfig | None = None, *,
                      view: str | None = None,
-                     crop_box: tuple[int, int, int, int] | None = None) -> ProcessedImage:
+                     crop_box: tuple[int, int, int, int] | None = None,
+                     level: int | None = None) -> ProcessedImage:
     """Preprocess one DICOM or image file into the output array plus provenance.
 
     ``view`` (e.g. from the metadata) decides whether pectoral masking
     applies when ``config.remove_pectoral`` is set; it defaults to the DICOM
     ViewPosition. Crop coordinates in the provenance are in original pixels,
     before any flip; ``crop_box`` (same convention, e.g. from an earlier
-    provenance) overrides the detected box. Raises :class:`ImageReadError`
+    provenance) overrides the detected box. ``level`` forces the JPEG 2000
+    level the crop is decoded at (clamped to the file's levels; for quality
+    studies), instead of :func:`choose_level`. Raises :class:`ImageReadError`
     with the failing stage.
     """
     config = config or PreprocessConfig()
@@ -293,13 +329,11 @@ def preprocess_image(path: PathLike, config: PreprocessConfig | None = None, *,
     if crop_box is not None:
         box = _checked_box(crop_box, full_shape, source)
         region = dataclasses.replace(region, box=_scale_box(box, full_shape, thumb.shape))
-    stored, level = decoded.stored, decoded.level
-    if level > 0:
-        needed = choose_level(box[3] - box[1], box[2] - box[0], config, decoded.levels)
-        if needed < level:  # a small breast: the crop needs a finer level than the image
-            stored, level = dicom.decode_best(needed)
-    level_box = _scale_box(box, full_shape, stored.shape)
-    crop = decoded.modality(stored[level_box[1] : level_box[3], level_box[0] : level_box[2]])
+    if level is None:
+        level = min(decoded.level, choose_level(box[3] - box[1], box[2] - box[0], config,
+                                                decoded.level))
+    level = min(max(level, 0), dicom.resolution_levels if dicom else 0)
+    crop = decoded.modality(decoded.crop(box, level))
     view = (dicom.view if dicom else "") if view is None else view
     flipped = region.chest_wall_right
     thumb_mask = region.mask[region.box[1] : region.box[3], region.box[0] : region.box[2]]
@@ -314,7 +348,7 @@ def preprocess_image(path: PathLike, config: PreprocessConfig | None = None, *,
     shape = _output_shape(*full_size, config)
     # Resample the modality values first, then window: the display mapping and the mask
     # then run on output-sized arrays only.
-    resampled = decoded.to_display(_resample(crop, level, full_size, shape))
+    resampled = decoded.to_display(_resample(crop, level, box, shape))
     if config.mask_background or pectoral_removed:
         resampled *= _upsample_mask(thumb_mask, shape, grow=not pectoral_removed)
     if flipped:

@@ -75,3 +75,15 @@ def write_png(path: PathLike, image: np.ndarray) -> None:
     if not ok:
         raise OSError(f"{path}: PNG encoding failed")
     atomic_write_bytes(Path(path), encoded.tobytes())
+
+
+def psnr(image: np.ndarray, reference: np.ndarray) -> float:
+    """Peak signal-to-noise ratio (dB) of ``image`` against ``reference``; peak = the dtype's top.
+
+    Integer arrays of one shape (e.g. two preprocessing outputs); ``inf`` when identical.
+    """
+    if image.shape != reference.shape:
+        raise ValueError(f"psnr: shapes differ, {image.shape} vs {reference.shape}")
+    peak = float(np.iinfo(reference.dtype).max)
+    mse = float(np.mean((image.astype(np.float64) - reference.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0.0 else 10.0 * float(np.log10(peak**2 / mse))

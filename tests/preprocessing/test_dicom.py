@@ -15,11 +15,12 @@ from cvae_mammo.preprocessing.dicom import (
     apply_window,
     choose_window,
     is_dicom_file,
-    jpeg2000_header,
     read_dicom,
     rescale,
 )
-from cvae_mammo.preprocessing.image import PreprocessConfig, preprocess_image
+from cvae_mammo.preprocessing.image import MAX_EXCESS, PreprocessConfig, preprocess_image
+from cvae_mammo.preprocessing.imageio import psnr
+from cvae_mammo.preprocessing.jpeg2000 import jpeg2000_header
 from cvae_mammo.synthetic.dicom_writer import TRANSFER_SYNTAXES, write_mammogram_dicom
 
 # Stored values of the phantom's regions (MONOCHROME2; MONOCHROME1 stores 4095 - value).
@@ -143,12 +144,18 @@ def test_jpeg2000_reduced_resolution_keeps_values(tmp_path: Path) -> None:
     assert image.decode(2).shape == (240, 180)
     small = PreprocessConfig(image_size=(120, 64))
     result = preprocess_image(path, small)
-    assert result.provenance["decode_scale"] == 0.25
+    prov = result.provenance
+    # The crop (~830x440) spans ~6.9 original pixels per output pixel on each axis; a level-3
+    # sample spans 8, within MAX_EXCESS of it, a level-4 sample (16) is not.
+    room = min((prov["crop_y1"] - prov["crop_y0"]) / 120, (prov["crop_x1"] - prov["crop_x0"]) / 64)
+    assert 8 - MAX_EXCESS <= room < 16 - MAX_EXCESS
+    assert prov["decode_scale"] == 0.125
     assert result.provenance["flipped"] is False
     want = 255 * expected_display(INNER, slope=1, intercept=0, center=2048, width=4096,
                                   function="LINEAR", monochrome1=False)
     assert abs(int(result.image[60, 6]) - want) <= 1
-    full = preprocess_image(path, small.replace(reduced_resolution=False))
+    box = tuple(prov[k] for k in ("crop_x0", "crop_y0", "crop_x1", "crop_y1"))
+    full = preprocess_image(path, small.replace(reduced_resolution=False), crop_box=box)
     assert full.provenance["decode_scale"] == 1.0
     assert np.abs(full.image.astype(int) - result.image).mean() < 2.0
 
@@ -233,6 +240,4 @@ def test_real_rsna_reduced_resolution_psnr(rsna_dicom: Path) -> None:
                                 crop_box=box)
         assert fast.provenance["decode_scale"] < 1.0 and full.provenance["decode_scale"] == 1.0
         assert fast.image.shape == full.image.shape == size
-        mse = np.mean((fast.image.astype(float) - full.image.astype(float)) ** 2)
-        psnr = 10 * np.log10(65535.0**2 / max(mse, 1e-12))
-        assert psnr >= 40.0, (size, psnr)
+        assert psnr(fast.image, full.image) >= 40.0, size
