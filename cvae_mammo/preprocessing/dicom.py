@@ -222,16 +222,7 @@ def read_dicom(path: PathLike) -> DicomImage:
         bits_stored = int(dataset.get("BitsStored", dataset.get("BitsAllocated", 16)))
     except (AttributeError, TypeError, ValueError) as error:
         raise ImageReadError(source, f"image geometry missing ({error})", "read") from error
-    levels, precision = 0, 0
-    unsigned = int(dataset.get("PixelRepresentation", 0)) == 0
-    if syntax in JPEG2000_SYNTAXES and unsigned and bits_stored <= 16:
-        try:
-            frame = next(generate_frames(dataset.PixelData, number_of_frames=1))
-            levels, precision = jpeg2000_header(frame)
-        except Exception as error:
-            raise ImageReadError(source, f"JPEG 2000 codestream unreadable ({error})",
-                                 "decode") from error
-    return DicomImage(
+    image = DicomImage(
         source=source,
         dataset=dataset,
         transfer_syntax=syntax,
@@ -244,13 +235,20 @@ def read_dicom(path: PathLike) -> DicomImage:
         windows=_window_pairs(dataset),
         voi_function=str(dataset.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper(),
         has_voi_lut_sequence="VOILUTSequence" in dataset,
-        resolution_levels=levels,
-        j2k_precision=precision,
+        resolution_levels=0,
+        j2k_precision=0,
         patient_id=str(dataset.get("PatientID", "") or ""),
         image_uid=str(dataset.get("SOPInstanceUID", "") or ""),
         laterality=str(dataset.get("ImageLaterality", "") or dataset.get("Laterality", "") or ""),
         view=str(dataset.get("ViewPosition", "") or ""),
     )
+    if image._jpeg2000():
+        try:
+            image.resolution_levels, image.j2k_precision = jpeg2000_header(image._frame())
+        except Exception as error:
+            raise ImageReadError(source, f"JPEG 2000 codestream unreadable ({error})",
+                                 "decode") from error
+    return image
 
 
 def _window_pairs(dataset: Dataset) -> list[tuple[float, float]]:

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 #: Side of the thumbnail the breast is located on (pixels, longest side).
 THUMBNAIL_SIDE = 512
-#: Crop boxes are aligned to this many original pixels, so levels 0-3 crop alike.
+#: Crop boxes are aligned to this many original pixels (the sample grid of levels 0-3).
 BOX_ALIGN = 8
 #: Original pixels by which a decoded JPEG 2000 sample may exceed an output pixel, on the axis
 #: with the least room (see :func:`choose_level`). Set from PSNR against the full-resolution
@@ -329,9 +329,8 @@ def preprocess_image(path: PathLike, config: PreprocessConfig | None = None, *,
     if crop_box is not None:
         box = _checked_box(crop_box, full_shape, source)
         region = dataclasses.replace(region, box=_scale_box(box, full_shape, thumb.shape))
-    if level is None:
-        level = min(decoded.level, choose_level(box[3] - box[1], box[2] - box[0], config,
-                                                decoded.level))
+    if level is None:  # at most the coarse level: a crop never needs a second, coarser decode
+        level = choose_level(box[3] - box[1], box[2] - box[0], config, decoded.level)
     level = min(max(level, 0), dicom.resolution_levels if dicom else 0)
     crop = decoded.modality(decoded.crop(box, level))
     view = (dicom.view if dicom else "") if view is None else view
