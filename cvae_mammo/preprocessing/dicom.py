@@ -152,15 +152,16 @@ class DicomImage:
             raise ImageReadError(self.source, f"decoded pixels have shape {array.shape}, "
                                  f"expected {expected}", "decode")
 
-    def decode_best(self, level: int) -> tuple[np.ndarray, int]:
-        """Decode at ``level``, or the nearest finer level the decoder manages.
+    def decode_best(self, level: int, box: Box | None = None) -> tuple[np.ndarray, int]:
+        """:meth:`decode` at ``level``, or at the nearest finer level the decoder manages.
 
-        Pillow's OpenJPEG path refuses some reductions (e.g. 1/8 of the real
-        RSNA images); returns the pixels and the level actually used.
+        Pillow (the fallback when OpenJPEG's library cannot be loaded) refuses
+        some reductions, e.g. 1/8 of the real RSNA images; returns the pixels
+        and the level actually used.
         """
         while True:
             try:
-                return self.decode(level), level
+                return self.decode(level, box), level
             except ImageReadError:
                 if level == 0:
                     raise

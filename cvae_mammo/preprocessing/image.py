@@ -145,12 +145,13 @@ class _Decoded:
         """Display values of (a crop of) stored pixels."""
         return self.to_display(self.modality(stored))
 
-    def crop(self, box: Box, level: int) -> np.ndarray:
-        """Stored pixels of :func:`level_window` (``box``, ``level``): cut, or decoded alone."""
+    def crop(self, box: Box, level: int) -> tuple[np.ndarray, int]:
+        """Stored pixels of :func:`level_window` (``box``, ``level``), cut or decoded alone,
+        and the level they are at (finer, where a fallback decoder refuses ``level``)."""
         if level == self.level:
             x0, y0, x1, y1 = level_window(box, level)
-            return self.stored[y0:y1, x0:x1]
-        return self.dicom.decode(level, box)
+            return self.stored[y0:y1, x0:x1], level
+        return self.dicom.decode_best(level, box)
 
 
 def coarse_level(rows: int, columns: int, config: PreprocessConfig, levels: int) -> int:
@@ -332,7 +333,8 @@ def preprocess_image(path: PathLike, config: PreprocessConfig | None = None, *,
     if level is None:  # at most the coarse level: a crop never needs a second, coarser decode
         level = choose_level(box[3] - box[1], box[2] - box[0], config, decoded.level)
     level = min(max(level, 0), dicom.resolution_levels if dicom else 0)
-    crop = decoded.modality(decoded.crop(box, level))
+    stored, level = decoded.crop(box, level)
+    crop = decoded.modality(stored)
     view = (dicom.view if dicom else "") if view is None else view
     flipped = region.chest_wall_right
     thumb_mask = region.mask[region.box[1] : region.box[3], region.box[0] : region.box[2]]
