@@ -14,12 +14,13 @@ import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from cvae_mammo.errors import InputError
-from cvae_mammo.fileio import PathLike, file_sha256, read_json
+from cvae_mammo.fileio import PathLike, file_sha256
+from cvae_mammo.training.runs import read_run_metadata
 
 if TYPE_CHECKING:
     from cvae_mammo.evaluation.report import RunScores
@@ -50,13 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
 
 
-def _read_metadata(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "metadata.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: run metadata missing (is {run_dir} a run folder?)")
-    return read_json(path)
-
-
 def check_split_hashes(run_dirs: Sequence[Path], data_dir: Path,
                        allow_different: bool = False) -> list[str]:
     """Refuse runs whose split files differ from each other or from the dataset's splits.csv,
@@ -64,7 +58,7 @@ def check_split_hashes(run_dirs: Sequence[Path], data_dir: Path,
 
     Returns warnings (the mismatches when ``allow_different``, or missing hashes).
     """
-    metadata = {run_dir: _read_metadata(run_dir) for run_dir in run_dirs}
+    metadata = {run_dir: read_run_metadata(run_dir) for run_dir in run_dirs}
     hashes = {run_dir: values.get("splits_sha256") for run_dir, values in metadata.items()}
     splits_path = data_dir / "splits.csv"
     problems = []

@@ -206,6 +206,14 @@ def read_run_config(run_dir: PathLike) -> dict[str, Any]:
     return config
 
 
+def read_run_metadata(run_dir: PathLike) -> dict[str, Any]:
+    """The ``metadata.json`` of a run folder (FileNotFoundError naming it when absent)."""
+    path = Path(run_dir) / METADATA_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: run metadata missing (is {run_dir} a run folder?)")
+    return _read_run_json(path)
+
+
 def load_run_encoder(run_dir: PathLike) -> MetadataEncoder | None:
     """The fitted metadata encoder of a conditioned run, None when unconditioned."""
     described = read_run_config(run_dir)["conditioning"].get("encoder")
