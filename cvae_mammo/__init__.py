@@ -41,7 +41,7 @@ _EXPORTS: dict[str, str] = {
     # scoring, calibration, evaluation
     "ScoringConfig": "cvae_mammo.inference.scoring",
     "predict_split": "cvae_mammo.inference.predict",
-    "predict_images": "cvae_mammo.inference.predict",
+    "Detector": "cvae_mammo.inference.detector",
     "Calibration": "cvae_mammo.evaluation.calibration",
     "calibrate": "cvae_mammo.evaluation.calibration",
     "calibrate_run": "cvae_mammo.evaluation.run_calibration",

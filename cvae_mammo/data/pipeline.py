@@ -59,9 +59,9 @@ def _report_once(path: str, reason: str) -> None:
 def read_pixels(path: str, size: tuple[int, int]) -> np.ndarray:
     """Read an 8- or 16-bit PNG (or any cv2-readable image) as ``uint8``/``uint16`` ``[H, W]``.
 
-    Colour images become grey; the image is resized to ``size`` (H, W), with
-    area interpolation when shrinking. Raises ``OSError`` when the file is
-    missing, cannot be decoded or has another pixel type.
+    Colour images become grey; the image is resized to ``size`` (H, W) by
+    :func:`fit_pixels`. Raises ``OSError`` when the file is missing, cannot be
+    decoded or has another pixel type.
     """
     image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if image is None:
@@ -70,12 +70,23 @@ def read_pixels(path: str, size: tuple[int, int]) -> np.ndarray:
         image = cv2.cvtColor(image, cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY)
     if image.dtype not in (np.uint8, np.uint16):
         raise OSError(f"unsupported pixel type {image.dtype}")
+    return fit_pixels(image, size)
+
+
+def fit_pixels(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``uint8``/``uint16`` ``[H, W]`` pixels at ``size`` (H, W): area interpolation when
+    shrinking, linear when enlarging, unchanged when the size already matches.
+
+    Every path into a model goes through here (dataset PNGs and images preprocessed
+    in memory by :class:`~cvae_mammo.inference.detector.Detector`), so both give the
+    same input for the same pixels.
+    """
     height, width = size
-    if image.shape != (height, width):
-        shrink = image.shape[0] > height or image.shape[1] > width
-        image = cv2.resize(image, (width, height),
-                           interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return image
+    if pixels.shape == (height, width):
+        return pixels
+    shrink = pixels.shape[0] > height or pixels.shape[1] > width
+    return cv2.resize(pixels, (width, height),
+                      interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
 def to_unit_float(pixels: np.ndarray) -> np.ndarray:

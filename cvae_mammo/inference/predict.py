@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -152,8 +152,9 @@ class CVAEPredictor:
 register_predictor("cvae", CVAEPredictor)
 
 
-def _load_calibration(run_dir: Path) -> Any:
-    path = run_dir / THRESHOLD_FILE
+def load_calibration(run_dir: PathLike) -> Any:
+    """The run's :class:`~cvae_mammo.evaluation.calibration.Calibration`, None when uncalibrated."""
+    path = Path(run_dir) / THRESHOLD_FILE
     if not path.is_file():
         return None
     from cvae_mammo.evaluation.calibration import Calibration
@@ -218,49 +219,44 @@ def save_png(path: PathLike, rgb: np.ndarray) -> None:
 
 
 def _read(path: str, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
-    """Image resized to ``size`` and its original (H, W); InputError naming the file."""
+    """A dataset image at ``size`` as float ``[H, W, 1]`` and its stored (H, W); InputError naming it."""
     import cv2
 
-    from cvae_mammo.data.pipeline import read_image
+    from cvae_mammo.data.pipeline import fit_pixels, to_unit_float
 
-    try:
-        header = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-        if header is None:
-            raise OSError("file not found" if not os.path.exists(path) else "cannot decode")
-        return read_image(path, size), header.shape[:2]
-    except OSError as error:
-        raise InputError(f"{path}: cannot read image ({error})") from error
+    pixels = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if pixels is None:
+        reason = "file not found" if not os.path.exists(path) else "cannot decode"
+        raise InputError(f"{path}: cannot read image ({reason})")
+    if pixels.ndim == 3:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY)
+    return to_unit_float(fit_pixels(pixels, size)), pixels.shape[:2]
 
 
-def predict_frame(run_dir: PathLike, rows: pd.DataFrame, images: Sequence[np.ndarray] | None = None,
-                  root: PathLike | None = None, maps_dir: PathLike | None = None,
-                  batch_size: int = 8, predictor: Predictor | None = None) -> pd.DataFrame:
-    """Score the images of ``rows`` (from ``root / rows.path`` or the given arrays).
+#: Loads row ``i`` of a frame being scored: (float image [H, W, 1] at the model size,
+#: the size the overlay is drawn at).
+ImageLoader = Callable[[int], tuple[np.ndarray, tuple[int, int]]]
 
-    Returns ``rows`` with the pooled score columns, ``score``, ``score_normalised``
-    and ``pred_label`` (the last two need ``threshold.json``); for a bilateral run
-    also ``partner_id`` and ``has_partner``. Overlays go to
-    ``maps_dir/<image_id>.png`` at each image's original size. ``predictor``
-    reuses an already loaded :func:`load_predictor` of ``run_dir``.
+
+def score_images(predictor: Predictor, rows: pd.DataFrame, load: ImageLoader,
+                 maps_dir: PathLike | None = None, batch_size: int = 8,
+                 keep_maps: bool = False) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """The one inference path: pooled score columns of every row (and its maps).
+
+    ``rows`` (index 0..n-1) are paired with their other breast when the predictor
+    needs partners (``partner_id``, ``has_partner`` columns added). Returns the rows
+    with score columns, and ``image_id -> map`` when ``keep_maps``; overlays go to
+    ``maps_dir/<image_id>.png`` when given. The final ``score`` is not set here
+    (:func:`finish_scores` does it once every image is scored).
     """
     from tqdm import tqdm
 
-    run_dir = Path(run_dir)
-    predictor = predictor or load_predictor(run_dir)
-    calibration = _load_calibration(run_dir)
     rows = rows.reset_index(drop=True)
     if predictor.needs_partners:
         rows = with_partners(rows)
         position = {image_id: i for i, image_id in enumerate(rows["image_id"].astype(str))}
-
-    def load(index: int) -> tuple[np.ndarray, tuple[int, int]]:
-        if images is not None:
-            array = np.asarray(images[index], np.float32).squeeze()
-            return _fit(array, predictor.image_size), array.shape
-        return _read(os.fspath(Path(root or ".") / str(rows.at[index, "path"])),
-                     predictor.image_size)
-
     parts: list[pd.DataFrame] = []
+    kept: dict[str, np.ndarray] = {}
     started = time.perf_counter()
     progress = tqdm(total=len(rows), desc="predict", unit="img", leave=False)
     for start in range(0, len(rows), batch_size):
@@ -274,10 +270,13 @@ def predict_frame(run_dir: PathLike, rows: pd.DataFrame, images: Sequence[np.nda
                 for partner in chunk["partner_id"]]).astype(np.float32)
         table, maps = predictor.score(stack, chunk, partners)
         parts.append(table)
-        if maps_dir is not None and maps is not None:
+        if maps is not None:
             for i, image_id in enumerate(chunk["image_id"].astype(str)):
-                save_png(Path(maps_dir) / f"{image_id}.png",
-                         overlay(stack[i, ..., 0], maps[i], size=loaded[i][1]))
+                if maps_dir is not None:
+                    save_png(Path(maps_dir) / f"{image_id}.png",
+                             overlay(stack[i, ..., 0], maps[i], size=loaded[i][1]))
+                if keep_maps:
+                    kept[image_id] = maps[i]
         progress.update(len(chunk))
     progress.close()
     elapsed = time.perf_counter() - started
@@ -285,26 +284,38 @@ def predict_frame(run_dir: PathLike, rows: pd.DataFrame, images: Sequence[np.nda
                 len(rows) / elapsed if elapsed > 0 else math.inf)
     scored = pd.concat([rows.drop(columns=["partner_path"], errors="ignore"), pd.concat(parts)],
                        axis=1)
+    return scored, kept
+
+
+def finish_scores(predictor: Predictor, scored: pd.DataFrame, calibration: Any) -> pd.DataFrame:
+    """Set the final ``score`` (pairs may matter), apply the threshold, put the key columns first."""
+    scored = scored.copy()
     scored["score"] = predictor.finalise(scored).to_numpy(float)
     scored = apply_calibration(scored, calibration)
     front = [c for c in SCORE_COLUMNS if c in scored]
     return scored[front + [c for c in scored.columns if c not in front]]
 
 
-def _fit(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """An in-memory image (values in [0, 1], or 8/16-bit integers) as ``[H, W, 1]`` float32."""
-    import cv2
+def predict_frame(run_dir: PathLike, rows: pd.DataFrame, root: PathLike,
+                  maps_dir: PathLike | None = None, batch_size: int = 8,
+                  predictor: Predictor | None = None) -> pd.DataFrame:
+    """Score the dataset images of ``rows`` (``root / rows.path``) with a run.
 
-    if array.ndim != 2:
-        raise InputError(f"image array of shape {array.shape}: expected [H, W] or [H, W, 1]")
-    if np.issubdtype(array.dtype, np.integer):
-        array = array / float(np.iinfo(array.dtype).max)
-    elif array.size and (array.min() < 0 or array.max() > 1):
-        raise InputError("image array values must lie in [0, 1] (or be 8/16-bit integers)")
-    array = array.astype(np.float32)
-    if array.shape != tuple(size):
-        array = cv2.resize(array, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-    return array[..., None]
+    Returns ``rows`` with the pooled score columns, ``score``, ``score_normalised``
+    and ``pred_label`` (the last two need ``threshold.json``); for a bilateral run
+    also ``partner_id`` and ``has_partner``. Overlays go to
+    ``maps_dir/<image_id>.png`` at each image's stored size. ``predictor``
+    reuses an already loaded :func:`load_predictor` of ``run_dir``.
+    """
+    run_dir = Path(run_dir)
+    predictor = predictor or load_predictor(run_dir)
+    rows = rows.reset_index(drop=True)
+
+    def load(index: int) -> tuple[np.ndarray, tuple[int, int]]:
+        return _read(os.fspath(Path(root) / str(rows.at[index, "path"])), predictor.image_size)
+
+    scored, _ = score_images(predictor, rows, load, maps_dir=maps_dir, batch_size=batch_size)
+    return finish_scores(predictor, scored, load_calibration(run_dir))
 
 
 def predict_split(run_dir: PathLike, data_dir: PathLike, split: str = "test",
@@ -322,37 +333,3 @@ def predict_split(run_dir: PathLike, data_dir: PathLike, split: str = "test",
     if write:
         atomic_write_csv(Path(run_dir) / f"scores_{split}.csv", scored)
     return scored
-
-
-def predict_images(run_dir: PathLike, images_or_paths: Sequence[Any],
-                   image_ids: Sequence[str] | None = None,
-                   patient_ids: Sequence[str] | None = None,
-                   laterality: Sequence[str] | None = None,
-                   metadata: pd.DataFrame | None = None,
-                   maps_dir: PathLike | None = None) -> pd.DataFrame:
-    """Score image files or arrays (all arrays, or all paths) with a run.
-
-    ``patient_ids`` / ``laterality`` enable the contralateral comparison and
-    ``prediction_id``; ``metadata`` (one row per image) supplies conditioning columns.
-    Image ids default to file stems, or ``image_0``, ``image_1``, ... for arrays.
-    """
-    items = list(images_or_paths)
-    if not items:
-        raise InputError("predict_images: no images given")
-    are_paths = [isinstance(item, str | os.PathLike) for item in items]
-    if any(are_paths) and not all(are_paths):
-        raise InputError("predict_images: pass either image paths or arrays, not both")
-    paths = all(are_paths)
-    if image_ids is None:
-        image_ids = [Path(p).stem for p in items] if paths else [f"image_{i}" for i in range(len(items))]
-    rows = metadata.reset_index(drop=True).copy() if metadata is not None else pd.DataFrame(index=range(len(items)))
-    rows["image_id"] = [str(v) for v in image_ids]
-    rows["patient_id"] = list(patient_ids) if patient_ids is not None else rows["image_id"]
-    rows["laterality"] = list(laterality) if laterality is not None else ""
-    rows["prediction_id"] = [f"{p}_{side}" if side else str(p)
-                             for p, side in zip(rows["patient_id"], rows["laterality"])]
-    if paths:
-        rows["path"] = [os.fspath(Path(p).resolve()) for p in items]
-        return predict_frame(run_dir, rows, maps_dir=maps_dir)
-    return predict_frame(run_dir, rows, images=items, maps_dir=maps_dir)
-

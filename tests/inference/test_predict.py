@@ -56,7 +56,8 @@ def test_predict_split_writes_scores_and_a_fresh_process_gives_the_same(run_dir:
     assert sorted(in_process["image_id"]) == sorted(splits.loc[splits.split == "test", "image_id"])
     assert in_process["score"].notna().all() and in_process["score"].nunique() > 1
     assert in_process["pred_label"].isna().all()  # not calibrated yet
-    for column in ("mean", "topk", "max", "neg_elbo"):
+    for column in ("l1_mean", "nll_topk", "excess_mean", "kl_topk", "density_mean",
+                   "intensity_topk", "neg_elbo"):
         assert np.isfinite(in_process[column]).all()
 
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -69,43 +70,46 @@ def test_predict_split_writes_scores_and_a_fresh_process_gives_the_same(run_dir:
     np.testing.assert_allclose(merged["score_fresh"], merged["score"], rtol=1e-5, atol=1e-7)
 
 
-def test_overlays_have_the_size_of_each_image(run_dir: Path, dataset: Path, mias_dir: Path,
-                                              tmp_path: Path) -> None:
-    from cvae_mammo.inference.predict import predict_images
+def test_detector_scores_raw_mini_mias_files_and_arrays_alike(run_dir: Path, dataset: Path,
+                                                              mias_dir: Path,
+                                                              tmp_path: Path) -> None:
+    from cvae_mammo.data.pipeline import read_image
+    from cvae_mammo.errors import InputError
+    from cvae_mammo.inference.detector import Detector
 
+    detector = Detector.load(run_dir)
+    assert detector.model_type == "cvae" and detector.preprocessing.image_size == SIZE
     maps = tmp_path / "maps"
     originals = [mias_dir / "images" / "mdb001.png", mias_dir / "images" / "mdb002.png"]
-    scored = predict_images(run_dir, originals, patient_ids=["mias001", "mias001"],
-                            maps_dir=maps)
-    assert list(scored["image_id"]) == ["mdb001", "mdb002"]
+    metadata = pd.DataFrame({"image_id": ["mdb001", "mdb002"], "patient_id": ["mias001"] * 2,
+                             "background_tissue": ["G", "G"]})
+    results = detector.predict(originals, metadata=metadata, maps=True, maps_dir=maps)
+    assert [r.image_id for r in results.images] == ["mdb001", "mdb002"]
+    assert {r.laterality for r in results.images} == {"L", "R"}  # from the pixels
+    assert all(r.has_partner for r in results.images)  # the two breasts of one woman
+    assert results.images[0].anomaly_map.shape == SIZE
+    assert results.images[0].provenance["crop_x1"] > results.images[0].provenance["crop_x0"]
     for source in originals:
         overlay = Image.open(maps / source.name)
-        assert overlay.mode == "RGB" and overlay.size == Image.open(source).size == (1024, 1024)
-    array = np.asarray(Image.open(maps / "mdb001.png"))
-    assert (array[..., 0] != array[..., 2]).any()  # the heat map is drawn in colour
-
-
-def test_arrays_and_files_give_the_same_scores(run_dir: Path, dataset: Path) -> None:
-    from cvae_mammo.data.pipeline import read_image
-    from cvae_mammo.inference.predict import predict_images
-
-    manifest = pd.read_csv(dataset / "manifest.csv").head(4)
-    paths = [dataset / p for p in manifest["path"]]
-    from_files = predict_images(run_dir, paths)
-    from_arrays = predict_images(run_dir, [read_image(str(p), SIZE) for p in paths],
-                                 image_ids=list(manifest["image_id"]))
-    np.testing.assert_allclose(from_files["score"], from_arrays["score"], rtol=1e-6)
-    from cvae_mammo.errors import InputError
-
+        assert overlay.mode == "RGB" and overlay.size == SIZE[::-1]
+    # the dataset's PNGs of the same two images, given as arrays, score the same
+    manifest = pd.read_csv(dataset / "manifest.csv", dtype=str).set_index("image_id")
+    arrays = [read_image(str(dataset / manifest.loc[i, "path"]), SIZE)
+              for i in ("mdb001", "mdb002")]
+    as_arrays = detector.predict(arrays, metadata=metadata.assign(image_id=["image_0",
+                                                                            "image_1"]))
+    np.testing.assert_allclose([r.score for r in as_arrays.images],
+                               [r.score for r in results.images], rtol=1e-5, atol=1e-6)
     with pytest.raises(InputError, match="values must lie"):
-        predict_images(run_dir, [np.full(SIZE, 3.0)])
+        detector.predict([np.full(SIZE, 3.0)])
 
 
 def test_contralateral_scoring_from_scoring_json(run_dir: Path, dataset: Path) -> None:
     from cvae_mammo.inference.predict import predict_split
     from cvae_mammo.inference.scoring import ScoringConfig
 
-    ScoringConfig(weights={"topk": 1.0}, contralateral_weight=1.0).save(run_dir / "scoring.json")
+    ScoringConfig(weights={"nll_topk": 1.0}, contralateral_weight=1.0).save(
+        run_dir / "scoring.json")
     scored = predict_split(run_dir, dataset, "test", write=False)
     sides = scored.groupby("patient_id")["laterality"].agg(lambda v: "".join(sorted(v)))
     paired = sides[sides == "LR"].index  # a left and a right breast (from the pixels)
@@ -114,7 +118,8 @@ def test_contralateral_scoring_from_scoring_json(run_dir: Path, dataset: Path) -
     # own - other for the two breasts of a woman sums to zero; own = topk
     np.testing.assert_allclose(rows.groupby("patient_id")["score"].sum(), 0.0, atol=1e-9)
     first = rows[rows.patient_id == paired[0]]
-    assert first["score"].iloc[0] == pytest.approx(first["topk"].iloc[0] - first["topk"].iloc[1])
+    assert first["score"].iloc[0] == pytest.approx(first["nll_topk"].iloc[0]
+                                                   - first["nll_topk"].iloc[1])
 
 
 def test_calibrate_cli_writes_threshold_json_used_by_predict(run_dir: Path, dataset: Path) -> None:
@@ -122,7 +127,8 @@ def test_calibrate_cli_writes_threshold_json_used_by_predict(run_dir: Path, data
     from cvae_mammo.inference.predict import predict_split
     from cvae_mammo.inference.scoring import ScoringConfig
 
-    ScoringConfig(weights={"topk": 1.0}, contralateral_weight=0.0).save(run_dir / "scoring.json")
+    ScoringConfig(weights={"nll_topk": 1.0}, contralateral_weight=0.0).save(
+        run_dir / "scoring.json")
     status = main(["calibrate", "--run", str(run_dir), "--data", str(dataset),
                    "--method", "youden"])
     assert status == 0
@@ -131,10 +137,13 @@ def test_calibrate_cli_writes_threshold_json_used_by_predict(run_dir: Path, data
     assert threshold["counts"]["n_positive"] > 0 and threshold["counts"]["n_negative"] > 0
     assert (run_dir / "scores_val.csv").is_file()
     scoring = json.loads((run_dir / "scoring.json").read_text())
-    mean, std = scoring["reference"]["topk"]  # standardised on the val normals
+    mean, std = scoring["reference"]["nll_topk"]  # standardised on the val normals
     val = pd.read_csv(run_dir / "scores_val.csv")
-    np.testing.assert_allclose(val["score"], (val["topk"] - mean) / std, rtol=1e-6)
+    np.testing.assert_allclose(val["score"], (val["nll_topk"] - mean) / std, rtol=1e-6)
     assert abs(val.loc[val["label"] == 0, "score"].mean()) < 1e-6
+    # scores_val.csv agrees with the threshold just written (no stale columns)
+    np.testing.assert_array_equal(val["pred_label"],
+                                  (val["score"] >= threshold["value"]).astype(int))
 
     scored = predict_split(run_dir, dataset, "test", write=False)
     np.testing.assert_array_equal(scored["pred_label"],
@@ -142,6 +151,14 @@ def test_calibrate_cli_writes_threshold_json_used_by_predict(run_dir: Path, data
     above = scored["score"] >= threshold["value"]
     assert (scored.loc[above, "score_normalised"] >= 0.5).all()
     assert (scored.loc[~above, "score_normalised"] < 0.5).all()
+
+    # calibrating again with another method rewrites scores_val.csv under the new threshold
+    assert main(["calibrate", "--run", str(run_dir), "--data", str(dataset),
+                 "--method", "sensitivity:1.0"]) == 0
+    again = json.loads((run_dir / "threshold.json").read_text())
+    assert again["value"] != threshold["value"]
+    val = pd.read_csv(run_dir / "scores_val.csv")
+    np.testing.assert_array_equal(val["pred_label"], (val["score"] >= again["value"]).astype(int))
 
 
 def test_bad_run_folder_gives_a_clean_error(tmp_path: Path, dataset: Path) -> None:

@@ -155,3 +155,19 @@ def test_predictor_scores_a_split_through_the_shared_predict_code(trained_run: P
     np.testing.assert_allclose(merged["score"], merged["probability_saved"], rtol=1e-4, atol=1e-5)
     assert (run / "scores_val.csv").is_file()
     assert len(list((tmp_path / "maps").glob("*.png"))) == len(saved)
+
+
+def test_detector_serves_a_classifier_run_from_raw_files(trained_run: Path, mias_dataset: Path,
+                                                         mias_dir: Path) -> None:
+    """The same Detector object scores raw mini-MIAS files with a classifier run (+ Grad-CAM)."""
+    from cvae_mammo.inference.detector import Detector
+
+    detector = Detector.load(trained_run)
+    assert detector.model_type == "classifier"
+    saved = pd.read_csv(trained_run / "predictions_val.csv", dtype={"image_id": str}).head(3)
+    files = [mias_dir / "images" / f"{image_id}.png" for image_id in saved["image_id"]]
+    results = detector.predict(files, maps=True)
+    np.testing.assert_allclose([r.score for r in results.images], saved["probability"],
+                               rtol=1e-4, atol=1e-5)
+    assert results.images[0].anomaly_map.shape == SIZE
+    assert results.to_frame()["image_id"].tolist() == saved["image_id"].tolist()
