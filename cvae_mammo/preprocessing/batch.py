@@ -173,11 +173,12 @@ def _work(task: tuple[str, str, str]) -> dict[str, Any]:
         relative = _image_path(patient_id, image_id)
         previous = _read_record(record_file)
         if previous is not None:
-            if previous.get("source_file") != path_text:  # another process took the id
+            if _holder(previous) not in (None, path_text):  # another file has this id
                 return _failure(path_text, "ids", f"duplicate image_id {image_id} (patient "
                                 f"{patient_id}) already produced from "
                                 f"{previous.get('source_file')}", image_id)
-            if (previous.get("settings_hash") == _WORKER["hash"]
+            if (previous.get("source_file") == path_text
+                    and previous.get("settings_hash") == _WORKER["hash"]
                     and png_intact(out_dir / relative, previous.get("png_bytes"))):
                 return {"status": "resumed", "record": previous}
         stage = "process"
@@ -201,6 +202,12 @@ def _work(task: tuple[str, str, str]) -> dict[str, Any]:
 def _failure(source: str, stage: str, reason: str, image_id: str = "") -> dict[str, Any]:
     return {"status": "failed", "image_id": image_id,
             "failure": {"source": source, "stage": stage, "reason": reason.replace("\n", " ")}}
+
+
+def _holder(record: dict[str, Any]) -> str | None:
+    """The file that holds a record's image id: its source, unless that file is gone (moved)."""
+    source = record.get("source_file")
+    return source if source and os.path.exists(source) else None
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
@@ -316,15 +323,24 @@ def _records_on_disk(out_dir: Path) -> dict[Path, dict[str, Any]]:
 
 def _remove_superseded(out_dir: Path, current: list[dict[str, Any]],
                        on_disk: dict[Path, dict[str, Any]]) -> None:
-    """Delete the earlier output of a file this run wrote under other ids (e.g. new metadata)."""
-    written = {r["source_file"]: _record_path(out_dir, r["patient_id"], r["image_id"])
-               for r in current}
+    """Delete earlier output that this run's records replace.
+
+    That is the output of a file this run wrote under other ids (e.g. new
+    metadata), and of an image id whose earlier source file is gone (moved
+    inputs) and that this run wrote from its new place.
+    """
+    by_source = {r["source_file"]: _record_path(out_dir, r["patient_id"], r["image_id"])
+                 for r in current}
+    by_image = {r["image_id"]: _record_path(out_dir, r["patient_id"], r["image_id"])
+                for r in current}
     for record_file, record in on_disk.items():
-        kept = written.get(record.get("source_file"))
+        kept = by_source.get(record.get("source_file"))
+        if kept is None and _holder(record) is None:
+            kept = by_image.get(record["image_id"])
         if kept is not None and kept != record_file:
             earlier_png = _image_path(record["patient_id"], record["image_id"])
-            log.info("%s now has ids %s; removing its earlier output %s",
-                     record["source_file"], kept.relative_to(out_dir / "records"), earlier_png)
+            log.info("%s is replaced by %s (its file under new ids, or moved); removing %s",
+                     record_file.relative_to(out_dir), kept.relative_to(out_dir), earlier_png)
             (out_dir / earlier_png).unlink(missing_ok=True)
             record_file.unlink(missing_ok=True)
 
@@ -398,7 +414,7 @@ def preprocess_dataset(
     views = meta.lookup("view") if meta else {}
     out_dir.mkdir(parents=True, exist_ok=True)
     on_disk = _records_on_disk(out_dir)
-    earlier = {r["image_id"]: r.get("source_file") for r in on_disk.values()}
+    earlier = {r["image_id"]: _holder(r) for r in on_disk.values() if _holder(r)}
 
     failures: list[dict[str, Any]] = []
     todo: list[tuple[str, str, str]] = []

@@ -364,3 +364,14 @@ def test_bad_metadata_fails_before_the_dataset_folder_is_made(tmp_path: Path) ->
         preprocess_dataset(files, tmp_path / "ds", config=SMALL, metadata=metadata,
                            workers=1, progress=False)
     assert not (tmp_path / "ds").exists()
+
+
+def test_moved_inputs_take_over_their_ids(tmp_path: Path) -> None:
+    files = _phantom_pngs(tmp_path / "old", ["i1", "i2"])
+    out = tmp_path / "ds"
+    preprocess_dataset(files, out, config=SMALL, workers=1, progress=False)
+    (tmp_path / "old").rename(tmp_path / "new")
+    moved = preprocess_dataset([tmp_path / "new"], out, config=SMALL, workers=1, progress=False)
+    assert (moved.processed, moved.failed, moved.in_manifest) == (2, 0, 2)
+    sources = pd.read_csv(out / "manifest.csv", dtype=str)["source_file"]
+    assert all(Path(source).parent == tmp_path / "new" for source in sources)
