@@ -81,7 +81,10 @@ class CVAEConfig(ConfigBase):
     """Model, loss and training options of the CVAE; defaults target 1456x728 on a GPU.
 
     ``likelihood_scale="learned"`` makes the decoder predict a per-pixel scale
-    (at least ``min_scale``); ``"fixed"`` uses ``recon_scale`` everywhere.
+    (at least ``min_scale``, starting at ``recon_scale``), trained with beta-NLL
+    (``nll_beta``: 1 gives the mean the gradient of a plain L1 loss, 0 is the
+    plain NLL, whose mean stalls where the scale grows); ``"fixed"`` uses
+    ``recon_scale`` everywhere.
     ``bilateral=True`` conditions on the woman's other breast (see the module
     docstring); ``partner_dropout`` is the share of training images whose
     partner is hidden so that single images can be scored too.
@@ -102,6 +105,7 @@ class CVAEConfig(ConfigBase):
     likelihood_scale: str = "fixed"
     recon_scale: float = 0.05
     min_scale: float = 0.005
+    nll_beta: float = 1.0
     ssim_weight: float = 0.5
     mask_threshold: float = 0.04
     beta: float = 1.0
@@ -417,6 +421,14 @@ class ConvVAE(keras.Model):
         recon = masked_reconstruction_nll(
             out["image"], out["mean"], mask, kind=cfg.recon_loss, scale=out["scale"],
             ssim_weight=cfg.ssim_weight)
+        fitted = recon
+        if training and cfg.likelihood_scale == "learned" and cfg.nll_beta > 0:
+            # beta-NLL (Seitzer et al., ICLR 2022): each pixel's NLL weighted by its (fixed)
+            # predicted scale, so the mean keeps an L1-sized gradient where the scale is wide
+            weights = tf.stop_gradient(out["scale"] / cfg.recon_scale) ** cfg.nll_beta
+            fitted = masked_reconstruction_nll(
+                out["image"], out["mean"], mask, kind=cfg.recon_loss, scale=out["scale"],
+                weights=weights)
         posterior = out["posterior"]
         prior = self.prior(posterior)
         kl = kl_per_image(posterior, prior)
@@ -430,7 +442,7 @@ class ConvVAE(keras.Model):
         else:
             beta = tf.constant(cfg.beta, tf.float32)
             kl_loss = kl
-        loss = tf.reduce_mean(recon["recon_nll"] + beta * kl_loss) / pixels
+        loss = tf.reduce_mean(fitted["recon_nll"] + beta * kl_loss) / pixels
         return {"loss": loss, "recon_nll": recon["recon_nll"], "kl": kl, "mae": mae,
                 "beta": beta, "recon_nll_per_pixel": recon["recon_nll_per_pixel"],
                 "mask_pixels": recon["mask_pixels"]}

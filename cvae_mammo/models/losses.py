@@ -132,16 +132,21 @@ def masked_reconstruction_nll(
     scale: Any = 0.05,
     ssim_weight: float = 0.5,
     mask_threshold: float = 0.04,
+    weights: Any | None = None,
 ) -> dict[str, tf.Tensor]:
     """Per-image reconstruction NLL over the breast mask.
 
     Returns ``{"recon_nll": sum over mask pixels [B], "recon_nll_per_pixel":
     mean over mask pixels [B], "mask_pixels": [B]}``. The mask defaults to
     :func:`breast_mask` of ``images``; an empty mask gives zeros, not NaN.
+    ``weights`` (broadcastable to the images) multiplies each pixel's NLL, as
+    beta-NLL does with the predicted scale.
     """
     x = _as_images(images)
     mask = breast_mask(x, mask_threshold) if mask is None else _as_images(mask)
     nll = pixel_nll(x, means, kind=kind, scale=scale, ssim_weight=ssim_weight)
+    if weights is not None:
+        nll = nll * weights
     total = tf.reduce_sum(nll * mask, axis=[1, 2, 3])
     pixels = tf.reduce_sum(mask, axis=[1, 2, 3])
     return {
