@@ -121,15 +121,23 @@ def run_recipe(config: Path, fold_data: Path, run_dir: Path, seed: int,
 
 
 def candidate_table(run_dir: Path, test: pd.DataFrame) -> pd.DataFrame:
-    """Every candidate score of the held-out images, standardised by the val normals."""
+    """Every pooled score of the held-out images (alone, minus the other breast's, and plus the
+    brightest-tissue rule), standardised by the inner val normals, selectable or not."""
     from cvae_mammo.inference.predict import load_scoring
-    from cvae_mammo.inference.scoring import final_scores, scoring_candidates
+    from cvae_mammo.inference.scoring import INTENSITY_SCORE, final_scores
 
     base = load_scoring(run_dir)
     available = [name for name in base.reference if name in test]
-    candidates = scoring_candidates(base, available)
-    return pd.DataFrame({name: final_scores(test, config) for name, config in candidates.items()},
-                        index=test.index)
+    columns = {}
+    for name in available:
+        for contra in (0.0, 1.0):
+            config = base.replace(weights={name: 1.0}, contralateral_weight=contra)
+            columns[name + ("-contra" if contra else "")] = final_scores(test, config)
+        if name != INTENSITY_SCORE:
+            config = base.replace(weights={name: 1.0, INTENSITY_SCORE: 1.0},
+                                  contralateral_weight=1.0)
+            columns[f"{name}+intensity-contra"] = final_scores(test, config)
+    return pd.DataFrame(columns, index=test.index)
 
 
 def localisation(run_dir: Path, fold_data: Path, test: pd.DataFrame, mias: Path

@@ -261,23 +261,25 @@ def final_scores(scores: pd.DataFrame, config: ScoringConfig) -> pd.Series:
     return contralateral_scores(frame, "own_score", config.contralateral_weight, fallback=0.0)
 
 
-def scoring_candidates(base: ScoringConfig, available: list[str]
-                       ) -> dict[str, ScoringConfig]:
+#: The learned scores :func:`select_scoring` compares: whole-breast means of each map (top-k
+#: pooling follows the pectoral border and skin line, which every model reconstructs worst)
+#: and -ELBO.
+SELECTABLE: tuple[str, ...] = ("nll_mean", "excess_mean", "kl_mean", "density_mean", "neg_elbo")
+
+
+def scoring_candidates(base: ScoringConfig, available: list[str]) -> dict[str, ScoringConfig]:
     """The scores :func:`select_scoring` compares, by name.
 
-    Each learned pooled score alone and minus the other breast's (``-contra``), and
-    each learned score plus the bilateral brightest-tissue rule (``+intensity``,
-    both standardised, equal weights, minus the other breast's).
+    Each :data:`SELECTABLE` score minus the other breast's (``-contra``), alone and
+    plus the bilateral brightest-tissue rule (``+intensity-contra``: both standardised,
+    equal weights). The rule alone is not a candidate: a CVAE run's score always
+    carries what the CVAE learned.
     """
     candidates: dict[str, ScoringConfig] = {}
-    learned = [name for name in SCORE_NAMES if name in available and
-               not name.startswith("intensity")]
+    learned = [name for name in SELECTABLE if name in available]
     for name in learned:
-        candidates[name] = base.replace(weights={name: 1.0}, contralateral_weight=0.0)
         candidates[f"{name}-contra"] = base.replace(weights={name: 1.0}, contralateral_weight=1.0)
     if INTENSITY_SCORE in available:
-        candidates[f"{INTENSITY_SCORE}-contra"] = base.replace(
-            weights={INTENSITY_SCORE: 1.0}, contralateral_weight=1.0)
         for name in learned:
             candidates[f"{name}+intensity-contra"] = base.replace(
                 weights={name: 1.0, INTENSITY_SCORE: 1.0}, contralateral_weight=1.0)

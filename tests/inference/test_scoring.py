@@ -200,16 +200,17 @@ def test_select_scoring_picks_the_pooled_score_that_separates_the_calibration_sp
         "patient_id": [f"p{k // 2}" for k in range(n)],
         "laterality": ["L", "R"] * (n // 2),
         "label": labels,
-        "l1_mean": rng.normal(size=n),                      # carries no signal
-        "nll_topk": rng.normal(size=n) + 3.0 * labels,       # separates the classes
+        "nll_mean": rng.normal(size=n),                     # carries no signal
+        "excess_mean": rng.normal(size=n) + 3.0 * labels,    # separates the classes
         "neg_elbo": rng.normal(size=n),
         "intensity_topk": rng.normal(size=n),
+        "l1_topk": rng.normal(size=n) + 5.0 * labels,        # not a selectable score
         "kl_mean": np.zeros(n),                             # constant: not a candidate
     })
     chosen, aucs = select_scoring(frame, ScoringConfig(smooth_sigma=1.5))
-    learned = ("l1_mean", "nll_topk", "neg_elbo")
-    assert set(aucs) == ({f"{name}{suffix}" for name in learned
-                          for suffix in ("", "-contra", "+intensity-contra")}
-                         | {"intensity_topk-contra"})
-    assert "nll_topk" in chosen.weights and chosen.smooth_sigma == 1.5
-    assert aucs[max(aucs, key=aucs.get)] > 0.9 > aucs["l1_mean"]
+    learned = ("nll_mean", "excess_mean", "neg_elbo")
+    assert set(aucs) == {f"{name}{suffix}" for name in learned
+                         for suffix in ("-contra", "+intensity-contra")}
+    assert "excess_mean" in chosen.weights and chosen.smooth_sigma == 1.5
+    assert chosen.contralateral_weight == 1.0
+    assert aucs[max(aucs, key=aucs.get)] > 0.9 > aucs["nll_mean-contra"]
