@@ -112,12 +112,14 @@ def _decode_or_skip(path: bytes, height: int, width: int) -> tuple[np.ndarray, n
     return pixels.astype(np.uint16)[..., None], full, True
 
 
-def _decode_partner(path: bytes, height: int, width: int) -> tuple[np.ndarray, np.float32]:
-    """A partner image like :func:`_decode_or_skip`; all zero when there is none or it is unreadable."""
+def _decode_partner(path: bytes, height: int, width: int
+                    ) -> tuple[np.ndarray, np.float32, np.float32]:
+    """A partner image like :func:`_decode_or_skip`, and 1.0 when it exists and was read, else 0.0
+    (the partner input is then all zero, whatever the augmentation does to it)."""
     if not path:
-        return np.zeros((int(height), int(width), 1), np.uint16), np.float32(1)
-    pixels, full, _ = _decode_or_skip(path, height, width)
-    return pixels, full
+        return np.zeros((int(height), int(width), 1), np.uint16), np.float32(255), np.float32(0)
+    pixels, full, ok = _decode_or_skip(path, height, width)
+    return pixels, full, np.float32(ok)
 
 
 def _augment_pixels(augmenter: Augmenter, pixels: np.ndarray, full: np.float32,
@@ -203,12 +205,13 @@ def build_pipeline(
         full.set_shape(())
         element = {"index": index, "pixels": pixels, "full": full, "ok": ok}
         if partners:
-            partner, partner_full = tf.numpy_function(
+            partner, partner_full, present = tf.numpy_function(
                 _decode_partner, [tf.gather(tables["partner_path"], index), height, width],
-                [tf.uint16, tf.float32], stateful=False)
+                [tf.uint16, tf.float32, tf.float32], stateful=False)
             partner.set_shape((height, width, 1))
             partner_full.set_shape(())
-            element.update(partner=partner, partner_full=partner_full)
+            present.set_shape(())
+            element.update(partner=partner, partner_full=partner_full, partner_present=present)
         return element
 
     def decoded(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -277,7 +280,8 @@ def build_pipeline(
                / element["full"]}
         if partners:
             out["partner"] = (tf.cast(augmented(element["partner"], element["partner_full"]),
-                                      tf.float32) / element["partner_full"])
+                                      tf.float32) / element["partner_full"]
+                              * element["partner_present"])
         index = element["index"]
         out["label"] = tf.gather(tables["label"], index)
         if "condition" in tables:

@@ -233,3 +233,25 @@ def test_split_cli_prints_counts_and_rejects_bad_options(tmp_path, dataset, caps
     assert main(["split", str(copy), "--folds", "3", "--val", "0.2"]) == 2
     assert "exclude each other" in capsys.readouterr().err
     assert main(["split", str(tmp_path / "nowhere")]) == 2
+
+
+def test_partner_batches_are_aligned_augmented_alike_and_zero_when_missing(mias_dataset):
+    """The bilateral pipeline: partner image in [0, 1], same augmentation, exact zeros if none."""
+    from cvae_mammo.data.pairing import with_partners
+
+    frame = with_partners(MammoDataset.open(mias_dataset).subset(split="train"))
+    frame = frame[frame["has_partner"] == 1].head(3).reset_index(drop=True)
+    frame.loc[1, "partner_path"] = frame.loc[1, "path"]  # its own partner: must match exactly
+    frame.loc[2, "partner_path"] = ""  # this one has no partner
+    size = (128, 64)
+    plain = next(iter(build_pipeline(frame, mias_dataset, image_size=size, batch_size=3,
+                                     partners=True)))
+    expected = read_image(str(mias_dataset / frame.loc[0, "partner_path"]), size)
+    np.testing.assert_allclose(plain["partner"][0].numpy(), expected, atol=1e-6)
+    augmented = next(iter(build_pipeline(frame, mias_dataset, image_size=size, batch_size=3,
+                                         partners=True, augment="cvae", seed=5)))
+    np.testing.assert_array_equal(augmented["partner"][1].numpy(), augmented["image"][1].numpy())
+    assert not np.allclose(augmented["image"][1].numpy(), plain["image"][1].numpy())
+    assert not augmented["partner"][2].numpy().any()  # missing partner: exactly zero
+    assert float(augmented["partner"].numpy().min()) >= 0.0
+    assert float(augmented["partner"].numpy().max()) <= 1.0
