@@ -19,6 +19,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from cvae_mammo.errors import InputError
+
 PathLike = str | os.PathLike[str]
 
 #: Packages whose versions are recorded next to every output.
@@ -96,12 +98,14 @@ def atomic_write_json(path: PathLike, payload: Any) -> None:
 
 
 def read_json(path: PathLike) -> Any:
-    """Read a JSON file, naming the file in the error if it is malformed."""
+    """Read a JSON file; a damaged one is an :class:`~cvae_mammo.errors.InputError` naming it."""
     path = Path(path)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
+        raise InputError(f"{path}: not valid JSON ({error})") from error
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not UTF-8 text ({error.reason})") from error
 
 
 def atomic_write_csv(path: PathLike, frame: Any, **kwargs: Any) -> None:

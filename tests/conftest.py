@@ -46,7 +46,7 @@ MIAS_DATASET_SIZE: tuple[int, int] = (128, 64)  # (H, W): tiny, fast on CPU
 
 
 def _write_mias_dataset(mias: Path, out: Path, size: tuple[int, int], seed: int) -> Path:
-    """A dataset folder (DESIGN.md contract) from the real mini-MIAS PNGs, made by the real
+    """A dataset folder (the README's folder format) from the real mini-MIAS PNGs, made by the real
     ``preprocess_dataset`` (breast crop, orientation, stretch to ``size``, 8-bit PNG).
 
     Metadata given: label = 1 when the image has any non-NORM abnormality row, severity (M if

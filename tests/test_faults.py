@@ -247,8 +247,6 @@ def test_10_resume_checks_the_png_and_calibrate_checks_method_first(
     assert "model.keras" not in err
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 item 10: needs cvae_mammo/preprocessing/"
-                   "dicom.py (read_dicom), owned by the JPEG 2000 work")
 def test_10_a_dicom_cut_inside_its_header_is_reported_as_truncated(tmp_path: Path) -> None:
     from cvae_mammo.synthetic.dicom_writer import write_mammogram_dicom
 
@@ -261,9 +259,6 @@ def test_10_a_dicom_cut_inside_its_header_is_reported_as_truncated(tmp_path: Pat
     assert "truncated" in reason and "no pixel data" not in reason
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 item 10: needs cvae_mammo/preprocessing/"
-                   "image.py (provenance transfer_syntax from the decoded format), owned by "
-                   "the JPEG 2000 work")
 def test_10_jpeg_bytes_in_a_png_file_are_recorded_as_jpeg(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
     pixels, _ = breast_phantom()

@@ -23,8 +23,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import os
 import warnings
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -200,6 +200,9 @@ def read_dicom(path: PathLike) -> DicomImage:
     if ended_early:
         raise ImageReadError(source, f"truncated DICOM ({ended_early[0].message})", "read")
     if "PixelData" not in dataset:
+        cut = _cut_inside_element(dataset, path)
+        if cut:
+            raise ImageReadError(source, f"truncated DICOM ({cut})", "read")
         raise ImageReadError(source, "no pixel data (PixelData element missing)", "read")
     meta = getattr(dataset, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
@@ -250,6 +253,29 @@ def read_dicom(path: PathLike) -> DicomImage:
             raise ImageReadError(source, f"JPEG 2000 codestream unreadable ({error})",
                                  "decode") from error
     return image
+
+
+def _cut_inside_element(dataset: Dataset, path: PathLike) -> str:
+    """Why the file ends inside an element, or "" when its last element ends with the file.
+
+    pydicom stops quietly at the end of a file, even in the middle of an element's
+    header or value; the last element read shows where the file should have gone on.
+    """
+    last = dataset if len(dataset) else dataset.file_meta
+    if not len(last):
+        return ""
+    tag = list(last.keys())[-1]
+    element = last.get_item(tag)
+    value_tell, length = getattr(element, "value_tell", None), getattr(element, "length", None)
+    if value_tell is None or length is None or length == 0xFFFFFFFF:
+        return ""
+    size = os.path.getsize(path)
+    end = value_tell + length
+    if end > size:
+        return f"the file ends at byte {size}, inside the value of element {tag}"
+    if end < size:
+        return f"the file ends at byte {size}, inside the element after {tag}"
+    return ""
 
 
 def _window_pairs(dataset: Dataset) -> list[tuple[float, float]]:
@@ -386,17 +412,3 @@ def _apply_lut_sequence(values: np.ndarray, image: DicomImage) -> np.ndarray:
     scale = float(2 ** min(max(bits, 1), 16) - 1)
     index = np.clip(np.rint(values - first), 0, lut.size - 1).astype(np.intp)
     return lut[index] / np.float32(scale)
-
-
-def header_summary(image: DicomImage) -> dict[str, Any]:
-    """Non-identifying header facts for provenance and logs."""
-    return {
-        "transfer_syntax": image.transfer_syntax,
-        "photometric": image.photometric,
-        "original_height": image.rows,
-        "original_width": image.columns,
-        "bits_stored": image.bits_stored,
-        "rescale_slope": image.slope,
-        "rescale_intercept": image.intercept,
-    }
-

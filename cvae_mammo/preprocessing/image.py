@@ -38,7 +38,7 @@ from cvae_mammo.preprocessing.dicom import (
     read_dicom,
     rescale,
 )
-from cvae_mammo.preprocessing.imageio import IMAGE_SUFFIXES, read_grayscale
+from cvae_mammo.preprocessing.imageio import IMAGE_SUFFIXES, read_grayscale_format
 from cvae_mammo.preprocessing.jpeg2000 import Box, level_window
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ class _Decoded:
     stored: np.ndarray  # integer pixels of the whole image at 1/2**level resolution
     level: int
     dicom: DicomImage | None
+    file_format: str  # the DICOM transfer syntax, or the image format decoded
     window: WindowChoice | None = None
 
     def modality(self, stored: np.ndarray) -> np.ndarray:
@@ -166,13 +167,14 @@ def coarse_level(rows: int, columns: int, config: PreprocessConfig, levels: int)
 def _open(path: Path, config: PreprocessConfig) -> _Decoded:
     """Decode the view the breast is located on: a coarse JPEG 2000 level, else the whole image."""
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return _Decoded(read_grayscale(path), 0, None)
+        stored, decoded_as = read_grayscale_format(path)
+        return _Decoded(stored, 0, None, file_format=decoded_as)
     dicom = read_dicom(path)
     level = 0
     if config.reduced_resolution:
         level = coarse_level(dicom.rows, dicom.columns, config, dicom.resolution_levels)
     stored, level = dicom.decode_best(level)
-    return _Decoded(stored, level, dicom)
+    return _Decoded(stored, level, dicom, file_format=dicom.transfer_syntax)
 
 
 def _thumbnail(stored: np.ndarray) -> np.ndarray:
@@ -358,7 +360,7 @@ def preprocess_image(path: PathLike, config: PreprocessConfig | None = None, *,
     window = decoded.window
     provenance = {
         "source_file": source,
-        "transfer_syntax": dicom.transfer_syntax if dicom else path.suffix.lower().lstrip("."),
+        "transfer_syntax": decoded.file_format,
         "window_center": window.center if window else None,
         "window_width": window.width if window else None,
         "voi_function": window.function if window else "",

@@ -19,6 +19,8 @@ from cvae_mammo.fileio import PathLike, atomic_write_bytes
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
     {".png", ".pgm", ".pnm", ".tif", ".tiff", ".jpg", ".jpeg"}
 )
+#: Pillow format names recorded under another name: its PPM plugin reads every Netpbm file.
+FORMAT_NAMES: dict[str, str] = {"PPM": "pnm"}
 
 
 def read_grayscale(path: PathLike) -> np.ndarray:
@@ -27,6 +29,12 @@ def read_grayscale(path: PathLike) -> np.ndarray:
     Colour images whose three channels are identical are accepted as grayscale;
     true colour, multi-frame and unreadable files raise :class:`ImageReadError`.
     """
+    return read_grayscale_format(path)[0]
+
+
+def read_grayscale_format(path: PathLike) -> tuple[np.ndarray, str]:
+    """:func:`read_grayscale`, and the format the file was decoded as, found from its content
+    (``png``, ``jpeg``, ``tiff``, ``pnm`` ...), whatever its suffix says."""
     source = str(path)
     try:
         with Image.open(path) as image:
@@ -35,13 +43,14 @@ def read_grayscale(path: PathLike) -> np.ndarray:
                 raise ImageReadError(source, f"multi-frame image ({frames} frames)", "read")
             image.load()
             array = _to_gray_array(image, source)
+            decoded_as = FORMAT_NAMES.get(image.format, str(image.format).lower())
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         if isinstance(error, ImageReadError):
             raise
         raise ImageReadError(source, f"unreadable image ({error})", "read") from error
     if array.ndim != 2 or min(array.shape) < 2:
         raise ImageReadError(source, f"not a 2-D image (shape {array.shape})", "read")
-    return array
+    return array, decoded_as
 
 
 def _to_gray_array(image: Image.Image, source: str) -> np.ndarray:

@@ -187,7 +187,7 @@ def _laterality(value: Any) -> str:
 
 
 def build_manifest(records: Sequence[dict[str, Any]], metadata: Metadata | None) -> pd.DataFrame:
-    """Manifest rows (DESIGN.md columns) from per-image records joined with the metadata."""
+    """Manifest rows (the README's manifest.csv columns) from per-image records joined with the metadata."""
     rows = []
     for record in records:
         image_id = record["image_id"]
