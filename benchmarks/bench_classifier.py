@@ -48,7 +48,8 @@ def measure(backbone: str, images: np.ndarray, steps: int, rounds: int, precisio
     """First-step seconds and the best training images/s of ``backbone`` on ``images``."""
     import keras
 
-    from cvae_mammo.models.classifier import ClassifierConfig, build_classifier, compile_classifier
+    from cvae_mammo.models.classifier import build_classifier, compile_classifier
+    from cvae_mammo.models.classifier_config import ClassifierConfig
     from cvae_mammo.training.common import configure_precision, make_optimizer
 
     keras.backend.clear_session()

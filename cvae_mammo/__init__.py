@@ -34,7 +34,7 @@ _EXPORTS: dict[str, str] = {
     "CVAEConfig": "cvae_mammo.models.cvae",
     "build_cvae": "cvae_mammo.models.cvae",
     "fit_cvae": "cvae_mammo.training.cvae",
-    "ClassifierConfig": "cvae_mammo.models.classifier",
+    "ClassifierConfig": "cvae_mammo.models.classifier_config",
     "build_classifier": "cvae_mammo.models.classifier",
     "fit_classifier": "cvae_mammo.training.classifier",
     "load_run_model": "cvae_mammo.training.runs",
@@ -49,6 +49,7 @@ _EXPORTS: dict[str, str] = {
     "roc_auc": "cvae_mammo.evaluation.metrics",
     "probabilistic_f1": "cvae_mammo.evaluation.metrics",
     "write_report": "cvae_mammo.evaluation.report",
+    "collect_runs": "cvae_mammo.evaluation.collect",
     # demo data
     "make_phantom_dataset": "cvae_mammo.synthetic.dataset",
     "run_demo": "cvae_mammo.demo",

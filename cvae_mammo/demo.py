@@ -11,7 +11,7 @@ Stages, each through the same Python function its CLI subcommand calls::
     fit-classifier  cvae_mammo.training.classifier.fit_classifier         -> OUT/runs/classifier/
     calibrate       (val)                                              -> .../classifier/threshold.json
     predict         cvae_mammo.inference.predict.predict_split (test, maps)      -> OUT/runs/*/scores_test.csv
-    report          cvae_mammo.cli.report.collect_runs + report.write_report -> OUT/report/
+    report          cvae_mammo.evaluation.collect.collect_runs + report.write_report -> OUT/report/
 
 Everything is seeded by ``seed``. Run again into the same folder with the same
 options, the demo reuses the phantoms and preprocessed images and resumes
@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from cvae_mammo.config import format_image_size, parse_image_size
 from cvae_mammo.fileio import PathLike, atomic_write_json, package_versions
+from cvae_mammo.tf_startup import start_tensorflow
 
 LOGGER = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -137,7 +138,7 @@ def _fit_cvae(dataset_dir: Path, run_dir: Path, size: tuple[int, int], options: 
 
 def _fit_classifier(dataset_dir: Path, run_dir: Path, size: tuple[int, int],
                     options: DemoOptions, seed: int) -> Path:
-    from cvae_mammo.models.classifier import ClassifierConfig
+    from cvae_mammo.models.classifier_config import ClassifierConfig
     from cvae_mammo.training.classifier import fit_classifier
 
     # No ImageNet download (the demo runs offline), so the backbone starts from random weights
@@ -145,7 +146,8 @@ def _fit_classifier(dataset_dir: Path, run_dir: Path, size: tuple[int, int],
     # graph-compiling EfficientNet costs minutes on a CPU, more than the training itself.
     config = ClassifierConfig(backbone=options.classifier_backbone, weights=None, image_size=size,
                               epochs=options.classifier_epochs, freeze_epochs=0, batch_size=8,
-                              learning_rate=1e-3, patience=options.classifier_epochs, seed=seed)
+                              learning_rate=1e-3, early_stopping_patience=options.classifier_epochs,
+                              seed=seed)
     return fit_classifier(dataset_dir, run_dir, config=config, seed=seed, run_eagerly=True,
                           resume=(run_dir / "config.json").is_file(),
                           command=["cvae_mammo.demo.run_demo"])
@@ -153,7 +155,7 @@ def _fit_classifier(dataset_dir: Path, run_dir: Path, size: tuple[int, int],
 
 def _report(run_dirs: dict[str, Path], dataset_dir: Path, maps: dict[str, Path], out: Path,
             options: DemoOptions, seed: int) -> dict[str, Any]:
-    from cvae_mammo.cli.report import collect_runs
+    from cvae_mammo.evaluation.collect import collect_runs
     from cvae_mammo.evaluation.report import write_report
 
     names = list(run_dirs)
@@ -184,7 +186,7 @@ def run_demo(
     """
     import pandas as pd
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    start_tensorflow()
     size = parse_image_size(size)
     options = options or (DemoOptions.quick() if quick else DemoOptions.full())
     out = Path(out_dir)

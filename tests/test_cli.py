@@ -32,3 +32,37 @@ def test_a_user_error_is_one_line_without_traceback_unless_verbose(tmp_path: Pat
         assert "Traceback" in loud.stderr and loud.stderr.rstrip().endswith(
             quiet.stderr.rstrip())
     assert not (tmp_path / "ds").exists()
+
+
+def test_every_command_help_answers_without_tensorflow() -> None:
+    """Each parser is built, and each ``--help`` printed, without importing TensorFlow or Keras
+    (timings: benchmarks/bench_cli.py)."""
+    code = """
+import contextlib, io, sys
+from cvae_mammo.cli import COMMANDS, build_parser, main
+for command in COMMANDS:
+    build_parser(command)
+    assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules, command
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        try:
+            main([command, '--help'])
+        except SystemExit as stop:
+            assert stop.code == 0, (command, stop.code)
+    assert f'usage: cvae-mammo {command}' in printed.getvalue(), command
+    assert 'tensorflow' not in sys.modules, command
+print('checked', len(COMMANDS))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "checked 8"
+
+
+def test_strategy_option_parses_for_both_training_commands() -> None:
+    from cvae_mammo.cli import build_parser
+
+    for command in ("fit-cvae", "fit-classifier"):
+        parser, _ = build_parser(command)
+        args = parser.parse_args(["--data", "d", "--out", "o", "--strategy", "multi-worker"])
+        assert args.strategy == "multi-worker" and args.seed is None and args.precision is None

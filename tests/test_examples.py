@@ -31,7 +31,7 @@ def test_cvae_configs_load_and_fit_their_data(name):
 
 @pytest.mark.parametrize("name", CLASSIFIER_CONFIGS)
 def test_classifier_configs_load(name):
-    from cvae_mammo.models.classifier import ClassifierConfig
+    from cvae_mammo.models.classifier_config import ClassifierConfig
 
     config = ClassifierConfig.load(EXAMPLES / "configs" / name)
     assert config.image_size == (1456, 728) and config.precision == "mixed"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +45,17 @@ def test_cli_lists_commands_and_rejects_unknown() -> None:
                              capture_output=True, text=True)
     assert unknown.returncode == 2
     assert "unknown command 'frobnicate'" in unknown.stderr
+
+
+def test_no_library_module_imports_the_command_line() -> None:
+    package = Path(cvae_mammo.__file__).parent
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        if path.parent.name == "cli" or path.name == "__main__.py":  # the command line itself
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(package)}: {name}" for name in names
+                          if name == "cvae_mammo.cli" or name.startswith("cvae_mammo.cli.")]
+    assert not offenders

@@ -2,8 +2,10 @@
 
 Each subcommand lives in its own module under ``cvae_mammo.cli`` exposing
 ``add_arguments(parser)`` and ``run(args) -> int``. Only the chosen
-command's module is imported, so ``cvae-mammo preprocess`` never loads
-TensorFlow.
+command's module is imported, and no parser needs TensorFlow, so every
+``--help`` and ``cvae-mammo preprocess`` / ``split`` never load it. The
+commands that train or score start TensorFlow quietly first
+(:func:`cvae_mammo.tf_startup.start_tensorflow`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 
 from cvae_mammo._version import __version__
 from cvae_mammo.errors import InputError
+from cvae_mammo.tf_startup import start_tensorflow
 
 #: Exceptions that mean bad input (a file, a column, an option): one line, exit status 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -35,6 +38,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("cvae_mammo.cli.report", "side-by-side ROC / F1 report of several runs"),
     "demo": ("cvae_mammo.cli.demo", "the whole pipeline on built-in synthetic phantoms"),
 }
+
+#: Commands that always load TensorFlow (``report`` does only to score a run without scores).
+TENSORFLOW_COMMANDS: frozenset[str] = frozenset(
+    {"fit-cvae", "calibrate", "fit-classifier", "predict", "demo"})
 
 
 def _usage() -> str:
@@ -102,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
+        if command in TENSORFLOW_COMMANDS:
+            start_tensorflow()
         return int(module.run(args) or 0)
     except USER_ERRORS as error:
         return _report(command, error, 2, f"error: {one_line(error)}", verbose)

@@ -16,7 +16,8 @@ import keras
 import numpy as np
 import pandas as pd
 
-from cvae_mammo.models.classifier import backbone_of, config_from_run, predict_proba
+from cvae_mammo.models.classifier import backbone_of, predict_proba
+from cvae_mammo.models.classifier_config import ClassifierConfig
 
 
 def grad_cam(model: keras.Model, inputs: dict[str, Any]) -> np.ndarray:
@@ -62,7 +63,7 @@ class ClassifierPredictor:
         from cvae_mammo.training.runs import load_run_encoder, load_run_model
 
         self.model = load_run_model(run_dir)
-        self.config = config_from_run(config)
+        self.config = ClassifierConfig.from_run(config)
         self.encoder = load_run_encoder(run_dir)
         self.image_size = (int(config["image_size"][0]), int(config["image_size"][1]))
         self.maps = maps

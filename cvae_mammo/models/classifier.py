@@ -13,130 +13,23 @@ Input scale is part of the model: it takes grayscale images in [0, 1]
 255, the range Keras EfficientNet/ConvNeXt expect because they include
 their own ImageNet rescaling. Training and inference therefore cannot feed
 different scales; :func:`predict_proba` also refuses images outside [0, 1].
+The configuration, :class:`~cvae_mammo.models.classifier_config.ClassifierConfig`,
+lives in a module of its own that needs no TensorFlow.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 from keras import ops
 
-from cvae_mammo.config import ConfigBase
 from cvae_mammo.errors import InputError
-
-#: Backbone name -> family. Every name is a ``keras.applications`` constructor.
-BACKBONES: dict[str, str] = {
-    "ConvNeXtTiny": "convnext",
-    "ConvNeXtSmall": "convnext",
-    "EfficientNetB0": "efficientnet",
-    "EfficientNetB1": "efficientnet",
-    "EfficientNetB2": "efficientnet",
-    "EfficientNetB3": "efficientnet",
-    "EfficientNetB4": "efficientnet",
-    "EfficientNetV2B0": "efficientnetv2",
-    "EfficientNetV2B1": "efficientnetv2",
-    "EfficientNetV2B2": "efficientnetv2",
-    "EfficientNetV2B3": "efficientnetv2",
-    "EfficientNetV2S": "efficientnetv2",
-}
-
-#: Auxiliary target -> number of classes (1 = binary, sigmoid; >1 = softmax).
-AUX_TARGETS: dict[str, int] = {
-    "invasive": 1,
-    "difficult_negative_case": 1,
-    "biopsy": 1,
-    "BIRADS": 3,
-    "density": 4,
-    "view": 1,
-    "laterality": 1,
-}
-
-#: Metadata columns the tabular branch may read (encoded by a train-fitted
-#: :class:`~cvae_mammo.data.metadata.MetadataEncoder`). Outcome columns such as
-#: biopsy or BIRADS are deliberately absent: as inputs they would leak the label.
-TABULAR_FEATURES: tuple[str, ...] = ("age", "view", "laterality", "implant")
-
-POOLINGS = ("avg", "max", "gem")
-LOSSES = ("focal", "bce")
-
-
-@dataclasses.dataclass
-class ClassifierConfig(ConfigBase):
-    """Everything needed to rebuild, train and apply the classifier.
-
-    Model: ``backbone``, ``weights`` ("imagenet", a local weights file or
-    None), ``image_size`` (height, width), ``pooling``, ``dropout``,
-    ``aux_targets`` (target -> loss weight), ``tabular_features`` (metadata
-    columns) with ``tabular_dim`` (their encoded width, set by training).
-    Loss: ``loss`` ("focal" or "bce"), focal ``focal_alpha`` /
-    ``focal_gamma`` / ``label_smoothing``; ``pos_weight`` weighs positives in
-    BCE. Training: the remaining fields (used by :mod:`cvae_mammo.training.classifier`);
-    ``unfreeze_from`` names the first backbone layer to fine-tune (None = all),
-    ``monitor`` is "auc" or "pf1" on the validation split.
-    """
-
-    model_type: str = "classifier"
-    backbone: str = "EfficientNetB0"
-    weights: str | None = "imagenet"
-    image_size: tuple[int, int] = (512, 256)
-    pooling: str = "gem"
-    gem_p: float = 3.0
-    dropout: float = 0.3
-    aux_targets: dict[str, float] = dataclasses.field(default_factory=dict)
-    tabular_features: tuple[str, ...] = ()
-    tabular_dim: int = 0
-    tabular_units: int = 16
-    loss: str = "focal"
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    label_smoothing: float = 0.0
-    pos_weight: float = 1.0
-    # training
-    epochs: int = 10
-    batch_size: int = 8
-    learning_rate: float = 3e-4
-    weight_decay: float = 1e-4
-    clipnorm: float = 1.0
-    warmup_epochs: float = 1.0
-    freeze_epochs: int = 1
-    unfreeze_from: str | None = None
-    freeze_batchnorm: bool = True
-    positive_fraction: float | None = 0.25
-    augment: str | None = "classifier"
-    precision: str = "float32"
-    monitor: str = "auc"
-    patience: int = 5
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        """Validate choices so a bad config fails before any model is built."""
-        self.image_size = tuple(int(v) for v in self.image_size)
-        self.tabular_features = tuple(self.tabular_features)
-        if self.weights in ("none", "None", ""):
-            self.weights = None
-        checks = [
-            (self.backbone in BACKBONES, f"backbone {self.backbone!r}; known: {', '.join(BACKBONES)}"),
-            (self.pooling in POOLINGS, f"pooling {self.pooling!r}; known: {', '.join(POOLINGS)}"),
-            (self.loss in LOSSES, f"loss {self.loss!r}; known: {', '.join(LOSSES)}"),
-            (self.precision in ("float32", "mixed"), f"precision {self.precision!r}: float32 or mixed"),
-            (self.monitor in ("auc", "pf1"), f"monitor {self.monitor!r}: auc or pf1"),
-            (0.0 <= self.dropout < 1.0, f"dropout {self.dropout}: must be in [0, 1)"),
-        ]
-        unknown_aux = sorted(set(self.aux_targets) - set(AUX_TARGETS))
-        checks.append((not unknown_aux, f"aux target(s) {unknown_aux}; known: {', '.join(AUX_TARGETS)}"))
-        unknown_tab = sorted(set(self.tabular_features) - set(TABULAR_FEATURES))
-        checks.append(
-            (not unknown_tab, f"tabular feature(s) {unknown_tab}; known: {', '.join(TABULAR_FEATURES)}")
-        )
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"ClassifierConfig: unknown or invalid {message}")
+from cvae_mammo.models.classifier_config import AUX_TARGETS, BACKBONES, ClassifierConfig
 
 
 @keras.saving.register_keras_serializable(package="cvae_mammo")
@@ -284,28 +177,6 @@ class MaskedAuxiliaryLoss(keras.losses.Loss):
         return {**super().get_config(), "classes": self.classes}
 
 
-#: ClassifierConfig fields that only steer training (not the model's architecture).
-TRAINING_FIELDS: tuple[str, ...] = (
-    "epochs", "batch_size", "learning_rate", "weight_decay", "clipnorm", "warmup_epochs",
-    "freeze_epochs", "unfreeze_from", "freeze_batchnorm", "positive_fraction", "augment",
-    "precision", "monitor", "patience", "seed",
-)
-
-
-def split_config(config: ClassifierConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(model, training)`` halves of a config as plain JSON values (tuples become lists),
-    as stored in a run's ``config.json``."""
-    values = json.loads(json.dumps(config.to_dict()))
-    training = {name: values.pop(name) for name in TRAINING_FIELDS}
-    return values, training
-
-
-def config_from_run(run_config: dict[str, Any]) -> ClassifierConfig:
-    """Rebuild the :class:`ClassifierConfig` of a run from its ``config.json`` content."""
-    training = {k: v for k, v in run_config.get("training", {}).items() if k in TRAINING_FIELDS}
-    return ClassifierConfig.from_dict({**run_config["model"], **training})
-
-
 def build_backbone(
     name: str, input_shape: tuple[int, int, int], weights: str | None = None
 ) -> keras.Model:
@@ -346,12 +217,19 @@ def build_classifier(config: ClassifierConfig) -> keras.Model:
     (the encoded metadata, ``config.tabular_dim`` wide) when
     ``config.tabular_features`` is set. Outputs: a dict with ``"label"``
     (probability of the positive class) and one entry per auxiliary target.
+    Built under a tf.distribute strategy with several replicas, the backbone's
+    batch normalisation uses the statistics of the global batch, so every
+    worker keeps the same moving averages.
     """
     height, width = config.image_size
     image = keras.Input((height, width, 1), name="image")
     inputs: dict[str, Any] = {"image": image}
     scaled = BackboneInput(name="backbone_input")(image)
     backbone = build_backbone(config.backbone, (height, width, 3), config.weights)
+    if tf.distribute.get_strategy().num_replicas_in_sync > 1:
+        for layer in backbone.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.synchronized = True
     features = backbone(scaled)
     if config.pooling == "gem":
         pooled = GeMPooling(p=config.gem_p, dtype="float32", name="gem_pool")(features)

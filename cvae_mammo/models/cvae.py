@@ -44,15 +44,14 @@ trained with conditioning, else None.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import keras
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from cvae_mammo.config import ConfigBase
-from cvae_mammo.models.layers import BN_MOMENTUM, PACKAGE, ResidualBlock, UpBlock
+from cvae_mammo.models.layers import PACKAGE, ResidualBlock, UpBlock, batch_norm
 from cvae_mammo.models.losses import (
     RECON_LOSSES,
     beta_at,
@@ -63,21 +62,17 @@ from cvae_mammo.models.losses import (
     masked_reconstruction_nll,
     pixel_nll,
 )
+from cvae_mammo.models.training_options import TrainingOptions
 
 tfd = tfp.distributions
 
 LATENT_KINDS: tuple[str, ...] = ("spatial", "dense")
 #: How the decoder's per-pixel scale is set: the constant ``recon_scale``, or predicted.
 SCALE_KINDS: tuple[str, ...] = ("fixed", "learned")
-#: CVAEConfig fields that only steer training (free to change on --resume).
-TRAINING_FIELDS: tuple[str, ...] = (
-    "epochs", "batch_size", "learning_rate", "weight_decay", "clipnorm", "warmup_epochs",
-    "early_stopping_patience", "recon_every", "recon_images", "augment",
-)
 
 
 @dataclasses.dataclass
-class CVAEConfig(ConfigBase):
+class CVAEConfig(TrainingOptions):
     """Model, loss and training options of the CVAE; defaults target 1456x728 on a GPU.
 
     ``likelihood_scale="learned"`` makes the decoder predict a per-pixel scale
@@ -111,18 +106,18 @@ class CVAEConfig(ConfigBase):
     beta: float = 1.0
     beta_warmup_steps: int = 2000
     free_bits: float = 0.0
+    # training: the shared options (defaults changed here) and the CVAE's own
     epochs: int = 100
-    batch_size: int = 8
-    learning_rate: float = 1e-3
-    weight_decay: float = 1e-4
-    clipnorm: float = 1.0
-    warmup_epochs: int = 2
-    early_stopping_patience: int = 15
+    warmup_epochs: float = 2.0
+    early_stopping_patience: int | None = 15
+    augment: str | None = "cvae"
     recon_every: int = 5
     recon_images: int = 6
-    augment: str | None = "cvae"
+
+    EXTRA_TRAINING_FIELDS: ClassVar[tuple[str, ...]] = ("recon_every", "recon_images")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.image_size = tuple(int(v) for v in self.image_size)  # type: ignore[assignment]
         self.filters = tuple(int(v) for v in self.filters)
         self.conditioning = tuple(str(v) for v in self.conditioning)
@@ -160,12 +155,6 @@ class CVAEConfig(ConfigBase):
         }
         values.update(changes)
         return cls(**values)
-
-    def split(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(model and loss options, training-only options) as two dictionaries."""
-        values = self.to_dict()
-        training = {key: values.pop(key) for key in TRAINING_FIELDS}
-        return values, training
 
     @property
     def total_stride(self) -> int:
@@ -217,7 +206,7 @@ class ConvVAE(keras.Model):
             widths = [cfg.filters[-1], *cfg.filters[::-1][1:], cfg.filters[0]]
             self.partner_merges = [keras.layers.Conv2D(width, 1, name=f"partner_merge_{i}")
                                    for i, width in enumerate(widths)]
-        self.head_norm = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name="head_bn")
+        self.head_norm = batch_norm("head_bn")
         self.act = keras.layers.Activation(act)
         if cfg.latent == "spatial":
             self.posterior_head = keras.layers.Conv2D(
@@ -244,7 +233,7 @@ class ConvVAE(keras.Model):
                 self.decoder_blocks.append(ResidualBlock(
                     width, activation=act, conditioned=self.conditioned,
                     name=f"dec_{stage}_{index}"))
-        self.out_norm = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name="out_bn")
+        self.out_norm = batch_norm("out_bn")
         self.output_conv = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid",
                                                dtype="float32", name="output")
         if cfg.likelihood_scale == "learned":
@@ -464,7 +453,10 @@ class ConvVAE(keras.Model):
         images, condition, partner = _unpack(data)
         with tf.GradientTape() as tape:
             terms = self._terms(images, condition, partner, training=True)
-            scaled = self.optimizer.scale_loss(terms["loss"])
+            # The optimizer sums the replicas' gradients (tf.distribute): divide each
+            # replica's mean loss by their number, as Keras' own losses do.
+            replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+            scaled = self.optimizer.scale_loss(terms["loss"] / replicas)
         gradients = tape.gradient(scaled, self.trainable_weights)
         self.optimizer.apply(gradients, self.trainable_weights)
         return self._track(terms)

@@ -8,6 +8,10 @@
 - :class:`UpBlock`: stride-2 transposed convolution followed by a residual
   refinement block.
 
+Batch normalisation comes from :func:`batch_norm`: under a tf.distribute strategy
+with several replicas its statistics are those of the global batch, so every
+worker keeps the same moving averages.
+
 Every layer is registered under the ``cvae_mammo`` package so a saved
 ``.keras`` file reloads with :func:`keras.models.load_model`.
 """
@@ -17,10 +21,20 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import tensorflow as tf
 
 PACKAGE = "cvae_mammo"
 #: Batch-norm momentum: 0.9 so moving statistics settle within an epoch of a small dataset.
 BN_MOMENTUM = 0.9
+
+
+def batch_norm(name: str) -> keras.layers.BatchNormalization:
+    """Batch normalisation with :data:`BN_MOMENTUM`, synchronised over the replicas when
+    built under a tf.distribute strategy that has several (so the workers' moving
+    statistics stay equal); a plain one otherwise."""
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, synchronized=replicas > 1,
+                                           name=name)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -61,11 +75,11 @@ class ResidualBlock(keras.layers.Layer):
         self.strides = int(strides)
         self.activation_name = activation
         self.conditioned = bool(conditioned)
-        self.norm1 = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name="bn1")
+        self.norm1 = batch_norm("bn1")
         self.conv1 = keras.layers.Conv2D(
             self.filters, 3, strides=self.strides, padding="same", use_bias=False, name="conv1"
         )
-        self.norm2 = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name="bn2")
+        self.norm2 = batch_norm("bn2")
         self.conv2 = keras.layers.Conv2D(self.filters, 3, padding="same", name="conv2")
         self.act = keras.layers.Activation(activation)
         self.film = FiLM(name="film") if self.conditioned else None
@@ -113,7 +127,7 @@ class UpBlock(keras.layers.Layer):
         self.filters = int(filters)
         self.activation_name = activation
         self.conditioned = bool(conditioned)
-        self.norm = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name="bn")
+        self.norm = batch_norm("bn")
         self.act = keras.layers.Activation(activation)
         self.upsample = keras.layers.Conv2DTranspose(
             self.filters, 4, strides=2, padding="same", name="upsample"

@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,30 +41,28 @@ from cvae_mammo.errors import InputError
 from cvae_mammo.evaluation.metrics import probabilistic_f1, roc_auc
 from cvae_mammo.fileio import PathLike, atomic_write_csv, atomic_write_json
 from cvae_mammo.models.classifier import (
-    ClassifierConfig,
     build_classifier,
     compile_classifier,
     encode_aux_target,
     set_backbone_trainable,
-    split_config,
 )
+from cvae_mammo.models.classifier_config import ClassifierConfig
 from cvae_mammo.training.common import (
-    BEST_CHECKPOINT,
-    CHECKPOINT_DIR,
-    configure_precision,
-    distribution_strategy,
+    ResumePoint,
     make_optimizer,
     resolve_xla,
     resume_point,
-    set_global_seed,
     standard_callbacks,
+    xla_mode,
 )
-from cvae_mammo.training.runs import (
-    MODEL_NAME,
-    load_keras_model,
-    prepare_run_dir,
-    run_config,
-    write_run_metadata,
+from cvae_mammo.training.runs import load_keras_model, run_config
+from cvae_mammo.training.session import (
+    Pipelines,
+    Session,
+    epochs_done,
+    fit_epochs,
+    keep_best_model,
+    start_session,
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -156,26 +153,29 @@ def classifier_pipelines(
     dataset: MammoDataset,
     cfg: ClassifierConfig,
     encoder: MetadataEncoder | None,
-    seed: int,
-) -> tuple[tf.data.Dataset, tf.data.Dataset | None, int]:
-    """Training and validation datasets of ``(inputs, targets)`` and steps per epoch."""
+    batch_size: int | None = None,
+) -> Pipelines:
+    """Training and validation datasets of ``(inputs, targets)`` in batches of ``batch_size``
+    (default: the config's; the global batch when training on several replicas)."""
     train, val = labelled_frames(dataset)
+    batch_size = batch_size or cfg.batch_size
     mapper = _target_mapper(cfg, [train, val])
-    common = {"image_size": cfg.image_size, "batch_size": cfg.batch_size,
+    common = {"image_size": cfg.image_size, "batch_size": batch_size,
               "conditioning": encoder, "include_ids": bool(cfg.aux_targets)}
-    train_ds = build_pipeline(train, dataset.root, augment=cfg.augment, shuffle=True, seed=seed,
-                              positive_fraction=cfg.positive_fraction, **common)
+    train_ds = build_pipeline(train, dataset.root, augment=cfg.augment, shuffle=True,
+                              seed=cfg.seed, positive_fraction=cfg.positive_fraction, **common)
     per_epoch = len(train)
     if cfg.positive_fraction:
         per_epoch = math.ceil(int((train["label"] == 0).sum()) / (1.0 - cfg.positive_fraction))
     val_ds = None
     if not val.empty:
-        val_ds = build_pipeline(val, dataset.root, seed=seed, **common).map(mapper)
-    return train_ds.map(mapper), val_ds, math.ceil(per_epoch / cfg.batch_size)
+        val_ds = build_pipeline(val, dataset.root, seed=cfg.seed, **common).map(mapper)
+    return Pipelines(train_ds.map(mapper), math.ceil(per_epoch / batch_size), val_ds,
+                     math.ceil(len(val) / batch_size))
 
 
-def _compile_phase(model: keras.Model, cfg: ClassifierConfig, frozen: bool, steps: int,
-                   jit_compile: bool, run_eagerly: bool) -> None:
+def _compile_phase(model: keras.Model, cfg: ClassifierConfig, session: Session, frozen: bool,
+                   steps: int, run_eagerly: bool) -> None:
     """Set the backbone's trainable layers for a phase and compile with a fresh schedule."""
     # Batch-norm statistics are only worth freezing when they were learnt (pretrained weights).
     freeze_bn = cfg.freeze_batchnorm and cfg.weights is not None
@@ -184,10 +184,12 @@ def _compile_phase(model: keras.Model, cfg: ClassifierConfig, frozen: bool, step
     LOGGER.info("%s backbone: %d trainable backbone layers, %d epoch(s)",
                 "frozen" if frozen else "fine-tuning", count, epochs)
     total = max(1, steps * epochs)
-    optimizer = make_optimizer(cfg.learning_rate, total_steps=total,
+    optimizer = make_optimizer(session.learning_rate, total_steps=total,
                                warmup_steps=min(round(steps * cfg.warmup_epochs), total // 3),
                                weight_decay=cfg.weight_decay, clipnorm=cfg.clipnorm)
-    compile_classifier(model, cfg, optimizer, run_eagerly=run_eagerly, jit_compile=jit_compile)
+    with session.strategy.scope():
+        compile_classifier(model, cfg, optimizer, run_eagerly=run_eagerly,
+                           jit_compile=resolve_xla(cfg.xla))
 
 
 def fit_classifier(
@@ -199,63 +201,67 @@ def fit_classifier(
     epochs: int | None = None,
     batch_size: int | None = None,
     image_size: tuple[int, int] | str | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     resume: bool = False,
     loss: str | None = None,
     freeze_epochs: int | None = None,
     precision: str | None = None,
-    xla: str | bool = "auto",
+    xla: str | bool | None = None,
     run_eagerly: bool = False,
     command: list[str] | None = None,
     allow_data_change: bool = False,
+    strategy: str | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> Path:
     """Train the classifier on ``data_dir``'s labelled train split; return the run folder.
 
     ``config`` is a :class:`ClassifierConfig` or a JSON/YAML file; the other
-    arguments override it (``weights="none"`` for random initialisation).
-    ``resume=True`` continues ``out_dir`` from its last per-epoch checkpoint
-    (``epochs`` counts from the start of the run), on the same manifest and
-    split file unless ``allow_data_change``. Inputs are checked before
-    ``out_dir`` is created. Raises
+    arguments override it (``weights="none"`` for random initialisation;
+    ``batch_size`` is per replica; ``strategy`` as in
+    :mod:`cvae_mammo.training.distribute`). ``resume=True`` continues
+    ``out_dir`` from its last per-epoch checkpoint (``epochs`` counts from the
+    start of the run), on the same manifest and split file unless
+    ``allow_data_change``. Inputs are checked before ``out_dir`` is created.
+    ``callbacks`` are extra Keras callbacks for ``fit``. Under several workers
+    only the chief writes ``out_dir``. Raises
     :class:`~cvae_mammo.errors.TrainingDivergedError` on a NaN/inf loss.
     """
     cfg = resolve_config(config).replace(
         backbone=backbone, weights=weights, epochs=epochs, batch_size=batch_size,
         image_size=None if image_size is None else parse_image_size(image_size),
-        loss=loss, freeze_epochs=freeze_epochs, precision=precision)
-    cfg = cfg.replace(seed=seed, freeze_epochs=min(cfg.freeze_epochs, cfg.epochs))
+        loss=loss, freeze_epochs=freeze_epochs, precision=precision, seed=seed,
+        xla=xla_mode(xla), strategy=strategy)
+    cfg = cfg.replace(freeze_epochs=min(cfg.freeze_epochs, cfg.epochs))
     if cfg.weights not in (None, "imagenet") and not Path(cfg.weights).is_file():
         raise InputError(f"{cfg.weights}: backbone weights file not found "
                          "(use --weights imagenet, none, or a local weights file)")
-    set_global_seed(seed)
-    policy = configure_precision(cfg.precision)
+    session = start_session(cfg)
     dataset = MammoDataset.open(data_dir)
     encoder = dataset.encoder(cfg.tabular_features) if cfg.tabular_features else None
     if encoder is not None:
         cfg = cfg.replace(tabular_dim=encoder.dim)
-    model_part, training_part = split_config(cfg)
-    training_part.update(dtype_policy=policy, xla=str(xla), train="train split, known labels",
-                         validation="val split, known labels")
+    model_part, _ = cfg.split()
+    training_part = session.training_options(cfg)
+    training_part.update(train="train split, known labels", validation="val split, known labels")
     train_frame, val_frame = labelled_frames(dataset)
-    run_dir = prepare_run_dir(out_dir, run_config("classifier", cfg.image_size, model_part,
-                                                  training_part, encoder), resume=resume,
-                              dataset_dir=data_dir, allow_data_change=allow_data_change)
-    write_run_metadata(run_dir, data_dir, seed, command if command is not None else sys.argv)
+    run_dir = session.open_run(
+        out_dir, run_config("classifier", cfg.image_size, model_part, training_part, encoder),
+        resume=resume, dataset_dir=data_dir, allow_data_change=allow_data_change,
+        seed=cfg.seed, command=command if command is not None else sys.argv)
 
-    train_ds, val_ds, steps = classifier_pipelines(dataset, cfg, encoder, seed)
+    data = classifier_pipelines(dataset, cfg, encoder, session.global_batch)
     LOGGER.info("fit-classifier %s: %d train (%d positive), %d val, %s, %d steps/epoch, run %s",
                 cfg.backbone, len(train_frame), int((train_frame["label"] == 1).sum()),
-                len(val_frame), "x".join(map(str, cfg.image_size)), steps, run_dir)
-    jit = resolve_xla(xla)
-    point = resume_point(run_dir) if resume else None
+                len(val_frame), "x".join(map(str, cfg.image_size)), data.steps, run_dir)
+    point = session.resume_point(run_dir, resume)
     initial_epoch = point.epoch if point is not None else 0
-    with distribution_strategy().scope():
+    with session.strategy.scope():
         if point is not None:
             LOGGER.info("resuming from %s after epoch %d", point.checkpoint, point.epoch)
             model = load_keras_model(point.checkpoint)
         else:
             model = build_classifier(cfg)
-    monitored = val_ds is not None
+    monitored = data.validation is not None
     phases = [(True, cfg.freeze_epochs), (False, cfg.epochs)]
     if point is not None and point.stopped_early:
         LOGGER.info("early stopping ended this run after epoch %d: nothing to resume", point.epoch)
@@ -266,32 +272,40 @@ def fit_classifier(
         # A checkpoint from inside this phase carries its compiled optimizer: keep it.
         continuing = point is not None and initial_epoch == point.epoch and initial_epoch > start
         if not continuing:
-            with distribution_strategy().scope():
-                _compile_phase(model, cfg, frozen, steps, jit, run_eagerly)
-        state = resume_point(run_dir).state if initial_epoch else None
-        callbacks = standard_callbacks(
-            run_dir, cfg.batch_size, steps, cfg.epochs, initial_epoch=initial_epoch,
-            patience=None if frozen or not monitored else cfg.patience,
-            monitor=MONITOR_KEY if monitored else "loss", state=state)
-        model.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=initial_epoch,
-                  callbacks=[MaximiseAsDeficit(cfg.monitor), *callbacks], verbose=0)
-        initial_epoch = resume_point(run_dir).epoch
+            _compile_phase(model, cfg, session, frozen, data.steps, run_eagerly)
+        fit_callbacks = standard_callbacks(
+            run_dir, session.global_batch, data.steps, cfg.epochs, initial_epoch=initial_epoch,
+            patience=None if frozen or not monitored else cfg.early_stopping_patience,
+            monitor=MONITOR_KEY if monitored else "loss",
+            state=_phase_state(session, run_dir, point, initial_epoch), chief=session.chief)
+        history = fit_epochs(model, data.train, data.steps, data.validation,
+                             data.validation_steps, epochs=end, initial_epoch=initial_epoch,
+                             callbacks=[MaximiseAsDeficit(cfg.monitor), *fit_callbacks,
+                                        *callbacks])
+        initial_epoch = epochs_done(history, initial_epoch)
         if initial_epoch < end:  # early stopping ended the run
             break
+    if not session.chief:
+        return run_dir
     return _finish(run_dir, model, dataset, val_frame, cfg, encoder)
+
+
+def _phase_state(session: Session, run_dir: Path, point: ResumePoint | None,
+                 initial_epoch: int) -> dict[str, Any] | None:
+    """Callback state (best value, early-stopping counter) a phase starting at
+    ``initial_epoch`` continues from: the chief's latest; another worker, which writes no
+    state, the one it resumed from (the frozen phase keeps no early-stopping state)."""
+    if not initial_epoch:
+        return None
+    if session.chief:
+        return resume_point(run_dir).state
+    return point.state if point is not None else None
 
 
 def _finish(run_dir: Path, model: keras.Model, dataset: MammoDataset, val_frame: pd.DataFrame,
             cfg: ClassifierConfig, encoder: MetadataEncoder | None) -> Path:
     """Keep the best checkpoint as model.keras; write val predictions and validation.json."""
-    best = run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT
-    if best.is_file():
-        temporary = run_dir / f".{MODEL_NAME}.tmp.keras"
-        shutil.copyfile(best, temporary)
-        os.replace(temporary, run_dir / MODEL_NAME)
-        model = keras.models.load_model(run_dir / MODEL_NAME)
-    else:
-        model.save(run_dir / MODEL_NAME)
+    model = keep_best_model(run_dir, model)
     if val_frame.empty:
         return run_dir
     ids, probabilities = [], []

@@ -1,8 +1,8 @@
 """Training helpers shared by the CVAE and the classifier.
 
 - Environment: :func:`set_global_seed`, :func:`configure_precision`
-  (``float32`` / ``mixed``), :func:`resolve_xla` (``auto`` = on with a GPU),
-  :func:`distribution_strategy` (MirroredStrategy when several GPUs are visible).
+  (``float32`` / ``mixed``), :func:`resolve_xla` (``auto`` = on with a GPU); the
+  tf.distribute strategy comes from :mod:`cvae_mammo.training.distribute`.
 - Optimiser: :func:`make_optimizer` = AdamW with gradient-norm clipping and a
   linear warm-up + cosine decay learning rate.
 - Callbacks: :class:`EpochCheckpoint` (``checkpoints/last.keras`` every
@@ -12,18 +12,21 @@
   NaN/inf loss; the last good checkpoint stays), :class:`HistoryCSV`
   (``history.csv`` rewritten atomically each epoch), :class:`ThroughputProgress`
   (tqdm bar with images/s and ETA), :class:`ResumableEarlyStopping`, and
-  :func:`standard_callbacks` assembling them with TensorBoard.
+  :func:`standard_callbacks` assembling them with TensorBoard (the writing ones on
+  the chief only).
 - Resume: :func:`resume_point` returns the checkpoint and epoch to continue from,
   with the early-stopping state of that same epoch (and whether it ended the run).
 
 A typical loop::
 
-    set_global_seed(seed); configure_precision(precision)
-    with distribution_strategy().scope():
+    strategy = make_strategy(config.strategy)      # before any other TensorFlow work
+    set_global_seed(config.seed); configure_precision(config.precision)
+    with strategy.scope():
         point = resume_point(run_dir) if resume else None
         model = keras.models.load_model(point.checkpoint) if point else build(...)
         if not point: model.compile(optimizer=make_optimizer(...), jit_compile=resolve_xla(xla))
-    model.fit(train, validation_data=val, epochs=epochs, verbose=0,
+    model.fit(train.repeat(), steps_per_epoch=steps, validation_data=val.repeat(),
+              validation_steps=val_steps, epochs=epochs, verbose=0, shuffle=False,
               initial_epoch=point.epoch if point else 0,
               callbacks=standard_callbacks(run_dir, batch_size, steps, state=point.state if point else None))
 """
@@ -46,6 +49,7 @@ import tensorflow as tf
 
 from cvae_mammo.errors import InputError, TrainingDivergedError
 from cvae_mammo.fileio import PathLike, atomic_write_csv, atomic_write_json, read_json
+from cvae_mammo.models.training_options import PRECISIONS, XLA_MODES
 
 LOGGER = logging.getLogger(__name__)
 
@@ -54,7 +58,6 @@ LAST_CHECKPOINT = "last.keras"
 BEST_CHECKPOINT = "best.keras"
 STATE_NAME = "state.json"
 HISTORY_NAME = "history.csv"
-PRECISIONS: tuple[str, ...] = ("float32", "mixed")
 
 
 def set_global_seed(seed: int) -> None:
@@ -82,20 +85,19 @@ def configure_precision(precision: str = "float32") -> str:
     return policy
 
 
+def xla_mode(xla: str | bool | None) -> str | None:
+    """An ``xla`` argument as a config value: True/False become ``on``/``off``."""
+    if isinstance(xla, bool):
+        return "on" if xla else "off"
+    return xla
+
+
 def resolve_xla(xla: str | bool = "auto") -> bool:
     """``jit_compile`` flag: ``auto`` turns XLA on only when a GPU is visible."""
-    if isinstance(xla, bool):
-        return xla
-    if xla not in {"auto", "on", "off"}:
-        raise ValueError(f"xla {xla!r}: choose auto, on or off")
+    xla = xla_mode(xla)
+    if xla not in XLA_MODES:
+        raise ValueError(f"xla {xla!r}: choose one of {', '.join(XLA_MODES)}")
     return gpu_count() > 0 if xla == "auto" else xla == "on"
-
-
-def distribution_strategy() -> tf.distribute.Strategy:
-    """MirroredStrategy over all GPUs when there are several, else the default strategy."""
-    if gpu_count() > 1:
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
 
 
 def make_optimizer(
@@ -307,12 +309,16 @@ def standard_callbacks(
     monitor: str = "val_loss",
     state: dict[str, Any] | None = None,
     tensorboard: bool = True,
+    chief: bool = True,
 ) -> list[keras.callbacks.Callback]:
     """Guard, checkpoints, early stopping, history.csv, progress and TensorBoard for ``fit``.
 
     ``patience=None`` disables early stopping; ``state`` is
     :attr:`ResumePoint.state` when resuming. TensorBoard logs go to
     ``run_dir/logs`` when the ``tensorboard`` package is installed.
+    ``chief=False`` (a worker other than the chief) leaves out everything that
+    writes: the checkpoints, history.csv and TensorBoard. ``batch_size`` is the
+    global batch (images per step over all replicas).
     """
     run_dir = Path(run_dir)
     callbacks: list[keras.callbacks.Callback] = [NonFiniteLossGuard(run_dir)]
@@ -321,9 +327,11 @@ def standard_callbacks(
         early = ResumableEarlyStopping(state=state, monitor=monitor, patience=int(patience),
                                        mode="min")
         callbacks.append(early)  # before the checkpoint, which saves its state of this epoch
-    callbacks.append(EpochCheckpoint(run_dir, monitor=monitor, early_stopping=early, state=state))
-    callbacks += [HistoryCSV(run_dir / HISTORY_NAME, initial_epoch),
-                  ThroughputProgress(batch_size, steps_per_epoch, epochs)]
+    callbacks.append(ThroughputProgress(batch_size, steps_per_epoch, epochs))
+    if not chief:
+        return callbacks
+    callbacks += [EpochCheckpoint(run_dir, monitor=monitor, early_stopping=early, state=state),
+                  HistoryCSV(run_dir / HISTORY_NAME, initial_epoch)]
     if tensorboard and importlib.util.find_spec("tensorboard") is not None:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs"),
                                                      update_freq="epoch", write_graph=False))

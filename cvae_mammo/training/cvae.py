@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
-import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,23 +45,13 @@ from cvae_mammo.models.cvae import ConvVAE, CVAEConfig, build_cvae
 from cvae_mammo.models.density import DENSITY_FILE, FeatureDensity, grid_mask
 from cvae_mammo.models.losses import breast_mask, ssim_map
 from cvae_mammo.training.common import (
-    BEST_CHECKPOINT,
-    CHECKPOINT_DIR,
-    configure_precision,
-    distribution_strategy,
     make_optimizer,
     resolve_xla,
-    resume_point,
-    set_global_seed,
     standard_callbacks,
+    xla_mode,
 )
-from cvae_mammo.training.runs import (
-    MODEL_NAME,
-    load_keras_model,
-    prepare_run_dir,
-    run_config,
-    write_run_metadata,
-)
+from cvae_mammo.training.runs import load_keras_model, run_config
+from cvae_mammo.training.session import Pipelines, fit_epochs, keep_best_model, start_session
 
 LOGGER = logging.getLogger(__name__)
 PRESETS = {"default": CVAEConfig, "small": CVAEConfig.small}
@@ -110,19 +101,24 @@ def cvae_pipelines(
     dataset: MammoDataset,
     config: CVAEConfig,
     encoder: MetadataEncoder | None,
-    seed: int,
-) -> tuple[tf.data.Dataset, tf.data.Dataset | None]:
-    """Training (shuffled, augmented, full batches, asserted negative-only) and validation pipelines."""
+    batch_size: int | None = None,
+) -> Pipelines:
+    """Training (shuffled, augmented, full batches, asserted negative-only) and validation
+    pipelines in batches of ``batch_size`` (default: the config's; the global batch when
+    training on several replicas)."""
     train, val = training_frames(dataset, config.bilateral)
-    common = {"image_size": config.image_size, "batch_size": config.batch_size,
+    batch_size = batch_size or config.batch_size
+    common = {"image_size": config.image_size, "batch_size": batch_size,
               "conditioning": encoder, "partners": config.bilateral}
     # Full batches only: steadier batch-norm statistics, and one static training shape
     # (TF 2.21's oneDNN kernels crashed on a ragged last batch of some small models).
+    full = len(train) >= batch_size
     train_ds = build_pipeline(train, dataset.root, augment=config.augment, shuffle=True,
-                              seed=seed, drop_remainder=len(train) >= config.batch_size,
-                              **common).map(_negatives_only)
-    val_ds = None if val.empty else build_pipeline(val, dataset.root, seed=seed, **common)
-    return train_ds, val_ds
+                              seed=config.seed, drop_remainder=full, **common
+                              ).map(_negatives_only)
+    val_ds = None if val.empty else build_pipeline(val, dataset.root, seed=config.seed, **common)
+    return Pipelines(train_ds, len(train) // batch_size if full else 1, val_ds,
+                     math.ceil(len(val) / batch_size))
 
 
 @dataclasses.dataclass
@@ -213,74 +209,84 @@ def fit_cvae(
     epochs: int | None = None,
     batch_size: int | None = None,
     image_size: tuple[int, int] | str | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     resume: bool = False,
-    precision: str = "float32",
-    xla: str | bool = "auto",
+    precision: str | None = None,
+    xla: str | bool | None = None,
     conditioning: list[str] | tuple[str, ...] | None = None,
     command: list[str] | None = None,
     allow_data_change: bool = False,
+    strategy: str | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> Path:
     """Train a CVAE on ``data_dir``'s train negatives and return the run folder ``out_dir``.
 
     ``config`` is a :class:`CVAEConfig`, a preset name (``default`` for
     1456x728, ``small`` for CPU) or a JSON/YAML file; ``epochs``,
-    ``batch_size``, ``image_size`` and ``conditioning`` (metadata columns)
-    override it. ``resume=True`` continues ``out_dir`` from its last
-    per-epoch checkpoint (``epochs`` counts from the start of the run), on
-    the same manifest and split file unless ``allow_data_change``. Inputs are
-    checked before ``out_dir`` is created. Raises
+    ``batch_size`` (per replica), ``image_size``, ``seed``, ``precision``,
+    ``xla``, ``strategy`` (:mod:`cvae_mammo.training.distribute`) and
+    ``conditioning`` (metadata columns) override it. ``resume=True`` continues
+    ``out_dir`` from its last per-epoch checkpoint (``epochs`` counts from the
+    start of the run), on the same manifest and split file unless
+    ``allow_data_change``. Inputs are checked before ``out_dir`` is created.
+    ``callbacks`` are extra Keras callbacks for ``fit``. Under several workers
+    only the chief writes ``out_dir``. Raises
     :class:`~cvae_mammo.errors.TrainingDivergedError` on a NaN/inf loss.
     """
     cfg = resolve_config(config).replace(
         epochs=epochs, batch_size=batch_size,
         image_size=None if image_size is None else parse_image_size(image_size),
-        conditioning=None if conditioning is None else tuple(conditioning))
-    set_global_seed(seed)
-    policy = configure_precision(precision)
+        conditioning=None if conditioning is None else tuple(conditioning), seed=seed,
+        precision=precision, xla=xla_mode(xla), strategy=strategy)
+    session = start_session(cfg)
     dataset = MammoDataset.open(data_dir)
     encoder = dataset.encoder(cfg.conditioning) if cfg.conditioning else None
     cfg = cfg.replace(condition_dim=encoder.dim if encoder is not None else 0)
-    model_options, training = cfg.split()
-    training.update(seed=seed, precision=precision, dtype_policy=policy, xla=str(xla),
-                    train="train split, label 0", validation="val split, label 0")
+    model_options, _ = cfg.split()
+    training = session.training_options(cfg)
+    training.update(train="train split, label 0", validation="val split, label 0")
     payload = run_config("cvae", cfg.image_size, model_options, training, encoder)
     train_frame, val_frame = training_frames(dataset, cfg.bilateral)
-    run_dir = prepare_run_dir(out_dir, payload, resume=resume, dataset_dir=data_dir,
-                              allow_data_change=allow_data_change)
-    write_run_metadata(run_dir, data_dir, seed, command if command is not None else sys.argv)
+    run_dir = session.open_run(out_dir, payload, resume=resume, dataset_dir=data_dir,
+                               allow_data_change=allow_data_change, seed=cfg.seed,
+                               command=command if command is not None else sys.argv)
 
-    train_ds, val_ds = cvae_pipelines(dataset, cfg, encoder, seed)
-    steps = max(1, len(train_frame) // cfg.batch_size)
+    data = cvae_pipelines(dataset, cfg, encoder, session.global_batch)
     LOGGER.info("fit-cvae: %d train negatives, %d val negatives, %s, %d steps/epoch, run %s",
-                len(train_frame), len(val_frame), "x".join(map(str, cfg.image_size)), steps,
-                run_dir)
-    point = resume_point(run_dir) if resume else None
-    with distribution_strategy().scope():
+                len(train_frame), len(val_frame), "x".join(map(str, cfg.image_size)),
+                data.steps, run_dir)
+    point = session.resume_point(run_dir, resume)
+    with session.strategy.scope():
         if point is not None:
             LOGGER.info("resuming from %s after epoch %d", point.checkpoint, point.epoch)
             model = load_keras_model(point.checkpoint)
         else:
-            model = build_cvae(cfg, seed=seed)
+            model = build_cvae(cfg, seed=cfg.seed)
             model.compile(optimizer=make_optimizer(
-                cfg.learning_rate, total_steps=steps * cfg.epochs,
-                warmup_steps=steps * cfg.warmup_epochs, weight_decay=cfg.weight_decay,
-                clipnorm=cfg.clipnorm), jit_compile=resolve_xla(xla))
+                session.learning_rate, total_steps=data.steps * cfg.epochs,
+                warmup_steps=round(data.steps * cfg.warmup_epochs),
+                weight_decay=cfg.weight_decay, clipnorm=cfg.clipnorm),
+                jit_compile=resolve_xla(cfg.xla))
     initial_epoch = point.epoch if point is not None else 0
 
     snapshot_frame = (val_frame if not val_frame.empty else train_frame).head(cfg.recon_images)
     snapshots = ModelInputs.load(snapshot_frame, dataset.root, cfg, encoder)
-    callbacks = standard_callbacks(
-        run_dir, cfg.batch_size, steps, cfg.epochs, initial_epoch=initial_epoch,
-        patience=cfg.early_stopping_patience, monitor="val_loss" if val_ds is not None else "loss",
-        state=point.state if point is not None else None)
-    callbacks.append(ReconstructionSnapshots(run_dir / "reconstructions", snapshots,
-                                             cfg.recon_every, cfg.mask_threshold))
+    fit_callbacks = standard_callbacks(
+        run_dir, session.global_batch, data.steps, cfg.epochs, initial_epoch=initial_epoch,
+        patience=cfg.early_stopping_patience,
+        monitor="val_loss" if data.validation is not None else "loss",
+        state=point.state if point is not None else None, chief=session.chief)
+    if session.chief:
+        fit_callbacks.append(ReconstructionSnapshots(run_dir / "reconstructions", snapshots,
+                                                     cfg.recon_every, cfg.mask_threshold))
     if point is not None and point.stopped_early:
         LOGGER.info("early stopping ended this run after epoch %d: nothing to resume", point.epoch)
     elif initial_epoch < cfg.epochs:
-        model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs,
-                  initial_epoch=initial_epoch, callbacks=callbacks, verbose=0)
+        fit_epochs(model, data.train, data.steps, data.validation, data.validation_steps,
+                   epochs=cfg.epochs, initial_epoch=initial_epoch,
+                   callbacks=[*fit_callbacks, *callbacks])
+    if not session.chief:
+        return run_dir
     return _finish(run_dir, model, train_frame, val_frame, dataset.root, cfg, encoder, snapshots)
 
 
@@ -297,14 +303,7 @@ def _finish(run_dir: Path, model: ConvVAE, train_frame: pd.DataFrame, val_frame:
             snapshots: ModelInputs) -> Path:
     """Keep the best checkpoint as model.keras; fit the feature density; write
     validation.json and the final figure."""
-    best = run_dir / CHECKPOINT_DIR / BEST_CHECKPOINT
-    if best.is_file():
-        temporary = run_dir / f".{MODEL_NAME}.tmp.keras"
-        shutil.copyfile(best, temporary)
-        os.replace(temporary, run_dir / MODEL_NAME)
-        model = keras.models.load_model(run_dir / MODEL_NAME)
-    else:
-        model.save(run_dir / MODEL_NAME)
+    model = keep_best_model(run_dir, model)
     write_grid(run_dir / "reconstructions" / "final.png",
                reconstruction_grid(snapshots.images, snapshots.reconstruct(model),
                                    cfg.mask_threshold))

@@ -1,4 +1,4 @@
-"""Run folders, shared by the CVAE and the classifier (contract in DESIGN.md).
+"""Run folders of the CVAE and the classifier (layout: the README's "Folder formats").
 
 A run folder holds::
 
@@ -188,7 +188,7 @@ def _read_run_json(path: Path) -> dict[str, Any]:
     """A run folder's JSON file; a damaged one is an :class:`InputError` naming it."""
     try:
         values = read_json(path)
-    except (ValueError, UnicodeDecodeError) as error:
+    except InputError as error:
         raise InputError(f"{path}: damaged run file ({' '.join(str(error).split())})") from error
     if not isinstance(values, dict):
         raise InputError(f"{path}: damaged run file (expected a JSON object)")

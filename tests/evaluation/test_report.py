@@ -22,8 +22,8 @@ from PIL import Image
 from sklearn import metrics as skm
 
 from cvae_mammo.cli import main
-from cvae_mammo.cli.report import collect_runs
 from cvae_mammo.evaluation.calibration import Calibration, calibrate
+from cvae_mammo.evaluation.collect import collect_runs
 from cvae_mammo.evaluation.report import write_report
 from cvae_mammo.fileio import file_sha256
 
@@ -167,6 +167,15 @@ def test_run_without_threshold_and_bad_inputs(setup, capsys):
     scores.write_text(scores.read_text().replace("\n1", "\nx1", 1))
     assert _report(setup) == 2
     assert "not in" in capsys.readouterr().err
+
+
+def test_a_damaged_threshold_file_is_a_one_line_user_error(setup, capsys):
+    threshold = setup["clf"] / "threshold.json"
+    threshold.write_text(threshold.read_text()[:40])
+    assert _report(setup) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cvae-mammo report: error: ") and "\n" not in err
+    assert f"{threshold}: not valid JSON" in err
 
 
 def test_write_report_checks_its_inputs(setup, tmp_path):

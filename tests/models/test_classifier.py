@@ -9,10 +9,7 @@ import pytest
 
 from cvae_mammo.data.metadata import MetadataEncoder, normalise_metadata
 from cvae_mammo.models.classifier import (
-    AUX_TARGETS,
-    BACKBONES,
     BackboneInput,
-    ClassifierConfig,
     MaskedAuxiliaryLoss,
     ProbabilisticF1,
     WeightedBinaryCrossentropy,
@@ -25,6 +22,7 @@ from cvae_mammo.models.classifier import (
     predict_proba,
     set_backbone_trainable,
 )
+from cvae_mammo.models.classifier_config import AUX_TARGETS, BACKBONES, ClassifierConfig
 
 TINY = (32, 32)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cvae_mammo.cli.report import check_split_hashes
 from cvae_mammo.errors import InputError
+from cvae_mammo.evaluation.collect import check_split_hashes
 from cvae_mammo.fileio import file_sha256, read_json
 from cvae_mammo.training.runs import prepare_run_dir, run_config, write_run_metadata
 

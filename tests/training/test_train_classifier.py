@@ -13,7 +13,8 @@ from cvae_mammo.cli import main as cli_main
 from cvae_mammo.data.dataset import MammoDataset
 from cvae_mammo.data.pipeline import read_image
 from cvae_mammo.fileio import read_json
-from cvae_mammo.models.classifier import ClassifierConfig, backbone_of, predict_proba
+from cvae_mammo.models.classifier import backbone_of, predict_proba
+from cvae_mammo.models.classifier_config import ClassifierConfig
 from cvae_mammo.training.classifier import MONITOR_KEY, fit_classifier
 from cvae_mammo.training.runs import load_run_model
 
@@ -22,7 +23,8 @@ SIZE = (128, 64)
 
 def _config(**changes) -> ClassifierConfig:
     values = {"backbone": "EfficientNetB0", "weights": None, "image_size": SIZE, "epochs": 2,
-              "freeze_epochs": 1, "batch_size": 8, "positive_fraction": 0.3, "patience": 3}
+              "freeze_epochs": 1, "batch_size": 8, "positive_fraction": 0.3,
+              "early_stopping_patience": 3}
     values.update(changes)
     return ClassifierConfig(**values)
 

@@ -30,17 +30,21 @@ def test_no_positive_image_ever_reaches_a_training_batch(mias_dataset):
     train, val = training_frames(dataset)
     assert set(train["label"]) == {0.0} and set(val["label"]) == {0.0}
     assert set(val["split"]) == {"val"} and set(train["split"]) == {"train"}
-    train_ds, _ = cvae_pipelines(dataset, TINY, None, seed=0)
-    labels = np.concatenate([batch["label"].numpy() for batch in train_ds])
+    data = cvae_pipelines(dataset, TINY, None)
+    labels = np.concatenate([batch["label"].numpy() for batch in data.train])
     assert len(train) == int((train_all["label"] == 0).sum())
     assert len(labels) == len(train) // TINY.batch_size * TINY.batch_size  # full batches
+    assert data.steps == len(train) // TINY.batch_size  # one pass per epoch
+    assert data.validation_steps == -(-len(val) // TINY.batch_size)
     assert (labels == 0).all()
 
 
 def test_fit_writes_a_run_folder_resumes_from_the_saved_epoch_and_refuses_to_overwrite(
-        mias_dataset, tmp_path, capsys):
+        mias_dataset, tmp_path, capsys, recwarn):
     run = tmp_path / "run"
     fit_cvae(mias_dataset, run, config=TINY, epochs=1, seed=1, conditioning=["background_tissue"])
+    # the datasets are sized (repeated, steps per epoch): Keras never runs out of data
+    assert not [w for w in recwarn if "ran out of data" in str(w.message)]
     config = read_run_config(run)
     assert config["model_type"] == "cvae" and config["image_size"] == [64, 32]
     assert config["conditioning"]["columns"] == ["background_tissue"]
@@ -115,8 +119,7 @@ def test_bilateral_fit_pairs_normal_breasts_only_and_writes_the_feature_density(
     # a normal breast whose other breast is abnormal trains the single-image path
     abnormal_women = set(everything.loc[everything["label"] == 1, "patient_id"])
     assert (train.loc[train["patient_id"].isin(abnormal_women), "has_partner"] == 0).all()
-    train_ds, _ = cvae_pipelines(dataset, TINY.replace(bilateral=True), None, seed=0)
-    batch = next(iter(train_ds))
+    batch = next(iter(cvae_pipelines(dataset, TINY.replace(bilateral=True), None).train))
     assert batch["partner"].shape == batch["image"].shape
 
     config = TINY.replace(bilateral=True, likelihood_scale="learned", epochs=1)
