@@ -55,7 +55,7 @@ from cvae_mammo.training.common import (
     standard_callbacks,
     xla_mode,
 )
-from cvae_mammo.training.runs import load_keras_model, run_config
+from cvae_mammo.training.runs import dataset_preprocessing, load_keras_model, run_config
 from cvae_mammo.training.session import (
     Pipelines,
     Session,
@@ -245,7 +245,8 @@ def fit_classifier(
     training_part.update(train="train split, known labels", validation="val split, known labels")
     train_frame, val_frame = labelled_frames(dataset)
     run_dir = session.open_run(
-        out_dir, run_config("classifier", cfg.image_size, model_part, training_part, encoder),
+        out_dir, run_config("classifier", cfg.image_size, model_part, training_part, encoder,
+                   preprocessing=dataset_preprocessing(data_dir)),
         resume=resume, dataset_dir=data_dir, allow_data_change=allow_data_change,
         seed=cfg.seed, command=command if command is not None else sys.argv)
 

@@ -50,7 +50,7 @@ from cvae_mammo.training.common import (
     standard_callbacks,
     xla_mode,
 )
-from cvae_mammo.training.runs import load_keras_model, run_config
+from cvae_mammo.training.runs import dataset_preprocessing, load_keras_model, run_config
 from cvae_mammo.training.session import Pipelines, fit_epochs, keep_best_model, start_session
 
 LOGGER = logging.getLogger(__name__)
@@ -245,7 +245,8 @@ def fit_cvae(
     model_options, _ = cfg.split()
     training = session.training_options(cfg)
     training.update(train="train split, label 0", validation="val split, label 0")
-    payload = run_config("cvae", cfg.image_size, model_options, training, encoder)
+    payload = run_config("cvae", cfg.image_size, model_options, training, encoder,
+                         preprocessing=dataset_preprocessing(data_dir))
     train_frame, val_frame = training_frames(dataset, cfg.bilateral)
     run_dir = session.open_run(out_dir, payload, resume=resume, dataset_dir=data_dir,
                                allow_data_change=allow_data_change, seed=cfg.seed,

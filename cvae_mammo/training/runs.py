@@ -65,8 +65,14 @@ def run_config(
     training: dict[str, Any],
     encoder: MetadataEncoder | None = None,
     normalisation: dict[str, Any] | None = None,
+    preprocessing: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``config.json`` payload of a run."""
+    """The ``config.json`` payload of a run.
+
+    ``preprocessing`` is the training dataset's preprocessing settings
+    (:func:`dataset_preprocessing`), so a :class:`~cvae_mammo.inference.detector.Detector`
+    preprocesses raw files exactly as the training images were.
+    """
     if model_type not in MODEL_MODULES:
         raise ValueError(f"model_type {model_type!r}: choose one of {', '.join(MODEL_MODULES)}")
     return {
@@ -79,7 +85,15 @@ def run_config(
         },
         "model": model,
         "training": training,
+        "preprocessing": preprocessing,
     }
+
+
+def dataset_preprocessing(dataset_dir: PathLike) -> dict[str, Any] | None:
+    """The ``config`` section of a dataset folder's ``preprocess.json``; None when it has none
+    (a dataset made by other tools)."""
+    path = Path(dataset_dir) / "preprocess.json"
+    return read_json(path).get("config") if path.is_file() else None
 
 
 def prepare_run_dir(out_dir: PathLike, config: dict[str, Any], resume: bool = False,

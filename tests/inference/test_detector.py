@@ -54,10 +54,16 @@ def test_raw_dicoms_score_as_the_same_files_preprocessed_into_the_dataset(phanto
     from cvae_mammo.inference.detector import Detector
     from cvae_mammo.inference.predict import predict_split
 
+    from cvae_mammo.fileio import read_json
+
     dicoms, data, run = phantom_run
     files = _test_files(dicoms, data)
     assert all(path.is_file() for path in files) and len(files) >= 8
-    raw = Detector.load(run).predict(files).to_frame().set_index("image_id")
+    recorded = read_json(run / "config.json")["preprocessing"]  # written at fit time
+    assert recorded == read_json(data / "preprocess.json")["config"]
+    detector = Detector.load(run)
+    assert detector.preprocessing.image_size == SIZE
+    raw = detector.predict(files).to_frame().set_index("image_id")
     dataset = predict_split(run, data, "test", write=False).set_index("image_id")
     assert sorted(raw.index) == sorted(dataset.index)
     np.testing.assert_allclose(raw.loc[dataset.index, "score"], dataset["score"],
