@@ -69,9 +69,9 @@ def _train_rate(model, batch_data, batch: int) -> float:
     import tensorflow as tf
 
     dataset = tf.data.Dataset.from_tensors(batch_data).repeat()
-    model.fit(dataset, steps_per_epoch=WARMUP_STEPS, epochs=1, verbose=0)
+    model.fit(dataset, steps_per_epoch=WARMUP_STEPS, epochs=1, verbose=0, shuffle=False)
     started = time.perf_counter()
-    model.fit(dataset, steps_per_epoch=TIMED_STEPS, epochs=1, verbose=0)
+    model.fit(dataset, steps_per_epoch=TIMED_STEPS, epochs=1, verbose=0, shuffle=False)
     return TIMED_STEPS * batch / (time.perf_counter() - started)
 
 
@@ -97,7 +97,7 @@ def _peak_memory_mib(model_name: str, size: tuple[int, int], batch: int) -> str:
     try:
         model, data = _build(model_name, size, batch, xla=True)
         model.fit(tf.data.Dataset.from_tensors(data).repeat(), steps_per_epoch=2, epochs=1,
-                  verbose=0)
+                  verbose=0, shuffle=False)
     except tf.errors.ResourceExhaustedError:
         return "OOM"
     return f"{tf.config.experimental.get_memory_info('GPU:0')['peak'] / 2**20:.0f} MiB"

@@ -30,6 +30,7 @@ from keras import ops
 
 from cvae_mammo.errors import InputError
 from cvae_mammo.models.classifier_config import AUX_TARGETS, BACKBONES, ClassifierConfig
+from cvae_mammo.models.layers import BN_MOMENTUM
 
 
 @keras.saving.register_keras_serializable(package="cvae_mammo")
@@ -217,19 +218,24 @@ def build_classifier(config: ClassifierConfig) -> keras.Model:
     (the encoded metadata, ``config.tabular_dim`` wide) when
     ``config.tabular_features`` is set. Outputs: a dict with ``"label"``
     (probability of the positive class) and one entry per auxiliary target.
-    Built under a tf.distribute strategy with several replicas, the backbone's
-    batch normalisation uses the statistics of the global batch, so every
-    worker keeps the same moving averages.
+    Batch normalisation in the backbone: from random weights its moving
+    statistics follow :data:`~cvae_mammo.models.layers.BN_MOMENTUM` (0.9, not
+    Keras' 0.99, so they settle within an epoch of a small dataset and
+    validation scores mean something from the start); built under a
+    tf.distribute strategy with several replicas it uses the statistics of the
+    global batch, so every worker keeps the same moving averages.
     """
     height, width = config.image_size
     image = keras.Input((height, width, 1), name="image")
     inputs: dict[str, Any] = {"image": image}
     scaled = BackboneInput(name="backbone_input")(image)
     backbone = build_backbone(config.backbone, (height, width, 3), config.weights)
-    if tf.distribute.get_strategy().num_replicas_in_sync > 1:
-        for layer in backbone.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.synchronized = True
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    for layer in backbone.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = replicas > 1
+            if config.weights is None:
+                layer.momentum = BN_MOMENTUM
     features = backbone(scaled)
     if config.pooling == "gem":
         pooled = GeMPooling(p=config.gem_p, dtype="float32", name="gem_pool")(features)

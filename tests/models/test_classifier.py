@@ -23,6 +23,7 @@ from cvae_mammo.models.classifier import (
     set_backbone_trainable,
 )
 from cvae_mammo.models.classifier_config import AUX_TARGETS, BACKBONES, ClassifierConfig
+from cvae_mammo.models.layers import BN_MOMENTUM
 
 TINY = (32, 32)
 
@@ -217,6 +218,18 @@ def test_local_weights_file_loads_into_a_fresh_model(tmp_path) -> None:
         build_backbone("EfficientNetB0", (*TINY, 3), weights=str(tmp_path / "missing.weights.h5"))
     with pytest.raises(ValueError, match=r"b0\.weights\.h5"):
         build_backbone("EfficientNetV2B0", (*TINY, 3), weights=str(path))
+
+
+def test_random_start_batch_norm_settles_fast_and_pretrained_keeps_keras_momentum(
+        tmp_path) -> None:
+    norms = [layer for layer in backbone_of(build_classifier(_config())).layers
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and {(n.momentum, n.synchronized) for n in norms} == {(BN_MOMENTUM, False)}
+    path = tmp_path / "b0.weights.h5"
+    build_backbone("EfficientNetB0", (*TINY, 3), weights=None).save_weights(path)
+    pretrained = backbone_of(build_classifier(_config(weights=str(path))))
+    assert {layer.momentum for layer in pretrained.layers
+            if isinstance(layer, keras.layers.BatchNormalization)} == {0.99}
 
 
 def test_saved_model_round_trips_with_custom_layers(tmp_path) -> None:
