@@ -54,10 +54,10 @@ class DemoOptions:
 
     @classmethod
     def full(cls) -> DemoOptions:
-        """At most 6 minutes on a 2-core CPU at 128x64. The classifier starts from random
-        weights (the demo runs offline) and trains in graph mode: its first step compiles for
-        a minute or two on a CPU, then each epoch takes seconds, where eager training ran at
-        1.5 images/s."""
+        """Sized for at most 6 minutes on an idle 2-core CPU at 128x64. The classifier
+        starts from random weights (the demo runs offline) and trains in graph mode: its
+        first step compiles for a minute or two on a CPU, then each epoch takes seconds,
+        where eager training ran at 1.5 images/s."""
         return cls(n_patients=100, positive_fraction=0.3, cvae_epochs=20, classifier_epochs=12,
                    classifier_backbone="EfficientNetB0", n_bootstrap=500)
 

@@ -4,8 +4,9 @@ Makes RSNA-like phantom DICOMs (JPEG 2000 / JPEG Lossless, MONOCHROME1/2,
 SIGMOID/LINEAR VOI) with inserted masses, spiculated masses and calcification
 clusters, then runs preprocess -> split -> fit-cvae -> calibrate ->
 fit-classifier -> calibrate -> predict -> report and prints where report.html
-is. About 4-8 minutes on a 2-core CPU at the default size; --quick runs every
-stage on a handful of images in a couple of minutes.
+is. Sized for at most 6 minutes on an idle 2-core CPU at the default size (stage seconds
+go to OUT/demo.json); --quick runs every stage on a handful of images in a
+couple of minutes.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """tf.distribute: two local workers (MultiWorkerMirroredStrategy from TF_CONFIG) train the tiny
-CVAE in lockstep; only the chief writes a run folder."""
+CVAE in lockstep, and resume in lockstep from the chief's checkpoint; only the chief writes a
+run folder."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ pytest.importorskip("tensorflow")
 
 WORKER = """
 import json, os, sys
-index, ports, data, out, weights = sys.argv[1:]
+index, ports, data, out, weights, epochs, resume = sys.argv[1:]
 os.environ["TF_CONFIG"] = json.dumps({
     "cluster": {"worker": [f"127.0.0.1:{port}" for port in ports.split(",")]},
     "task": {"type": "worker", "index": int(index)}})
@@ -38,8 +39,8 @@ class FinalWeights(keras.callbacks.Callback):
 config = CVAEConfig.small(image_size=(32, 16), filters=(4, 8), latent_channels=2, batch_size=2,
                           epochs=2, warmup_epochs=0, beta_warmup_steps=4, recon_every=1,
                           recon_images=2, augment=None, xla="off")
-fit_cvae(data, out, config=config, seed=3, strategy="multi-worker", command=["test"],
-         callbacks=[FinalWeights()])
+fit_cvae(data, out, config=config, epochs=int(epochs), resume=resume == "resume", seed=3,
+         strategy="multi-worker", command=["test"], callbacks=[FinalWeights()])
 """
 
 
@@ -75,16 +76,17 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-@pytest.mark.slow
-def test_two_workers_train_the_same_weights_and_only_the_chief_writes(tmp_path: Path) -> None:
-    data = _dataset(tmp_path / "data")
+def _train_on_two_workers(tmp_path: Path, data: Path, runs: list[Path], epochs: int,
+                          resume: bool) -> list[dict[str, np.ndarray]]:
+    """Run the worker script as task 0 and 1 of a loopback cluster; their final weights."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     ports = ",".join(map(str, _free_ports(2)))
-    runs = [tmp_path / "run", tmp_path / "run_of_worker_1"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(Path.cwd())}
+    weights = [tmp_path / f"weights_{index}.npz" for index in range(2)]
     workers = [subprocess.Popen([sys.executable, str(script), str(index), ports, str(data),
-                                 str(runs[index]), str(tmp_path / f"weights_{index}.npz")],
+                                 str(runs[index]), str(weights[index]), str(epochs),
+                                 "resume" if resume else "new"],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True) for index in range(2)]
     outputs = []
@@ -97,12 +99,22 @@ def test_two_workers_train_the_same_weights_and_only_the_chief_writes(tmp_path: 
             pytest.fail("the two workers did not finish (a collective waited forever?)")
     for worker, output in zip(workers, outputs):
         assert worker.returncode == 0, output[-3000:]
+    return [dict(np.load(path)) for path in weights]
 
-    chief, other = (np.load(tmp_path / f"weights_{index}.npz") for index in range(2))
-    assert len(chief.files) == len(other.files) > 20
-    for name in chief.files:  # trainable weights and batch-norm statistics alike
+
+def _assert_same(chief: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> None:
+    assert len(chief) == len(other) > 20
+    for name in chief:  # trainable weights and batch-norm statistics alike
         np.testing.assert_array_equal(chief[name], other[name])
 
+
+@pytest.mark.slow
+def test_two_workers_train_the_same_weights_and_only_the_chief_writes(tmp_path: Path) -> None:
+    data = _dataset(tmp_path / "data")
+    # Both workers are given a run folder; worker 1 must write nothing to its own.
+    runs = [tmp_path / "run", tmp_path / "run_of_worker_1"]
+    first = _train_on_two_workers(tmp_path, data, runs, epochs=1, resume=False)
+    _assert_same(*first)
     assert not runs[1].exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["data", "run"]
     for name in ("model.keras", "config.json", "metadata.json", "history.csv",
@@ -111,4 +123,10 @@ def test_two_workers_train_the_same_weights_and_only_the_chief_writes(tmp_path: 
     training = json.loads((runs[0] / "config.json").read_text())["training"]
     assert training["replicas"] == 2 and training["global_batch"] == 4
     assert training["strategy"] == "multi-worker"
+
+    # Both resume from the chief's checkpoint (worker 1 reads it from the shared folder).
+    resumed = _train_on_two_workers(tmp_path, data, [runs[0], runs[0]], epochs=2, resume=True)
+    _assert_same(*resumed)
+    assert not np.array_equal(first[0]["arr_0"], resumed[0]["arr_0"])
     assert pd.read_csv(runs[0] / "history.csv")["epoch"].tolist() == [1, 2]
+    assert not runs[1].exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +32,15 @@ def _config(**changes) -> ClassifierConfig:
 
 @pytest.fixture(scope="module")
 def trained_run(mias_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two eager epochs (one frozen, one fine-tuning) of EfficientNetB0 on mini-MIAS."""
+    """Two eager epochs (one frozen, one fine-tuning) of EfficientNetB0 on mini-MIAS; the
+    datasets are sized (repeated, steps per epoch), so Keras never runs out of data."""
     out = tmp_path_factory.mktemp("clf") / "run"
-    return fit_classifier(mias_dataset, out, config=_config(), seed=3, run_eagerly=True,
-                          command=["test"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = fit_classifier(mias_dataset, out, config=_config(), seed=3, run_eagerly=True,
+                             command=["test"])
+    assert not [w for w in caught if "ran out of data" in str(w.message)]
+    return run
 
 
 def test_run_folder_layout_and_history(trained_run: Path) -> None:
