@@ -89,10 +89,13 @@ def _infer_rate(model, batch_data, batch: int) -> float:
 
 def _peak_memory_mib(model_name: str, size: tuple[int, int], batch: int) -> str:
     """Peak GPU memory of two training steps at ``batch`` (mixed precision, XLA on)."""
+    import gc
+
     import keras
     import tensorflow as tf
 
     keras.backend.clear_session()
+    gc.collect()  # the previous model's memory must not count in this peak
     tf.config.experimental.reset_memory_stats("GPU:0")
     try:
         model, data = _build(model_name, size, batch, xla=True)
@@ -103,24 +106,31 @@ def _peak_memory_mib(model_name: str, size: tuple[int, int], batch: int) -> str:
     return f"{tf.config.experimental.get_memory_info('GPU:0')['peak'] / 2**20:.0f} MiB"
 
 
-def run_case(model_name: str, size: tuple[int, int], batch: int, deadline: float,
-             gpu: bool) -> dict:
-    """Every measurement of one model (in this process), skipping what the deadline leaves out."""
+def _speed(model_name: str, size: tuple[int, int], batch: int, precision: str,
+           xla: bool) -> dict:
+    """Training and inference images/s of a fresh model (freed when this returns)."""
     import keras
 
     from cvae_mammo.training.common import configure_precision
 
+    keras.backend.clear_session()
+    configure_precision(precision)
+    model, data = _build(model_name, size, batch, xla)
+    return {"case": f"{precision}, XLA {'on' if xla else 'off'}",
+            "train": _train_rate(model, data, batch), "infer": _infer_rate(model, data, batch)}
+
+
+def run_case(model_name: str, size: tuple[int, int], batch: int, deadline: float,
+             gpu: bool) -> dict:
+    """Every measurement of one model (in this process), skipping what the deadline leaves out."""
+    from cvae_mammo.training.common import configure_precision
+
     result: dict = {"model": model_name, "speed": [], "memory": {}, "skipped": []}
     for precision, xla in CASES:
-        label = f"{precision}, XLA {'on' if xla else 'off'}"
         if time.time() > deadline:
-            result["skipped"].append(label)
+            result["skipped"].append(f"{precision}, XLA {'on' if xla else 'off'}")
             continue
-        keras.backend.clear_session()
-        configure_precision(precision)
-        model, data = _build(model_name, size, batch, xla)
-        result["speed"].append({"case": label, "train": _train_rate(model, data, batch),
-                                "infer": _infer_rate(model, data, batch)})
+        result["speed"].append(_speed(model_name, size, batch, precision, xla))
     if gpu:
         configure_precision("mixed")
         for memory_batch in MEMORY_BATCHES:
