@@ -261,10 +261,13 @@ def final_scores(scores: pd.DataFrame, config: ScoringConfig) -> pd.Series:
     return contralateral_scores(frame, "own_score", config.contralateral_weight, fallback=0.0)
 
 
-#: The learned scores :func:`select_scoring` compares: whole-breast means of each map (top-k
-#: pooling follows the pectoral border and skin line, which every model reconstructs worst)
-#: and -ELBO.
-SELECTABLE: tuple[str, ...] = ("nll_mean", "excess_mean", "kl_mean", "density_mean", "neg_elbo")
+#: The learned scores :func:`select_scoring` compares: each model map pooled over the whole
+#: breast (diffuse findings, noisy maps) or its top-k% (focal lesions), and -ELBO. The plain
+#: L1 error is left out: the NLL map is the same error in units of the model's scale.
+SELECTABLE: tuple[str, ...] = (
+    "nll_mean", "nll_topk", "excess_mean", "excess_topk", "kl_mean", "kl_topk",
+    "density_mean", "density_topk", "neg_elbo",
+)
 
 
 def scoring_candidates(base: ScoringConfig, available: list[str]) -> dict[str, ScoringConfig]:

@@ -141,16 +141,22 @@ class CVAEConfig(TrainingOptions):
 
     @classmethod
     def small(cls, **changes: Any) -> CVAEConfig:
-        """CPU preset: 256x128, four narrow stages (stride 16), short warm-up."""
+        """CPU preset: 256x128, four narrow stages (stride 16), short warm-up.
+
+        Learning rate 3e-3 for 60 epochs: with ~100 training images an epoch is ~12 steps,
+        and at 1e-3 for 40 epochs the reconstructions were still nearly flat (validation
+        masked MAE 0.15; 0.025 now on mini-MIAS).
+        """
         values: dict[str, Any] = {
             "image_size": (256, 128),
             "filters": (16, 32, 48, 64),
             "latent_channels": 4,
             "batch_size": 8,
+            "learning_rate": 3e-3,
             "beta_warmup_steps": 300,
-            "epochs": 40,
+            "epochs": 60,
             "warmup_epochs": 1,
-            "early_stopping_patience": 10,
+            "early_stopping_patience": 15,
             "recon_every": 2,
         }
         values.update(changes)

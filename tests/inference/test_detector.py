@@ -51,10 +51,9 @@ def _test_files(dicoms: Path, data: Path) -> list[Path]:
 
 
 def test_raw_dicoms_score_as_the_same_files_preprocessed_into_the_dataset(phantom_run) -> None:
+    from cvae_mammo.fileio import read_json
     from cvae_mammo.inference.detector import Detector
     from cvae_mammo.inference.predict import predict_split
-
-    from cvae_mammo.fileio import read_json
 
     dicoms, data, run = phantom_run
     files = _test_files(dicoms, data)
