@@ -16,7 +16,9 @@ the folds' scores can be pooled into one out-of-fold ROC-AUC with a patient-boot
 * every candidate score (each map's mean / top-k, -ELBO, with or without the other
   breast's, alone or plus the brightest-tissue rule), each standardised the same way;
 * the one-line bilateral rule: 99th-percentile-like brightest tissue (top 1% mean)
-  minus the other breast's (``intensity_topk-contra``).
+  minus the other breast's (``intensity_topk-contra``);
+* for a bilateral model, the ablation of its condition: the same model with every
+  partner zeroed (``unpaired ...``, standardised by val normals scored the same way).
 
 Then, for the recipe score of each configuration: AUC per finding (CALC, CIRC, SPIC,
 MISC, ARCH, ASYM: that finding's images against all normal images) and per tissue
@@ -140,6 +142,32 @@ def candidate_table(run_dir: Path, test: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(columns, index=test.index)
 
 
+def unpaired_table(run_dir: Path, fold_data: Path, test: pd.DataFrame) -> pd.DataFrame:
+    """Ablation of the bilateral condition: the same model scored with every partner zeroed
+    (its single-image path), standardised by the inner val normals scored the same way.
+
+    Columns ``unpaired RECIPE`` (the score chosen on val) and ``unpaired <score>-contra``.
+    Empty for a model without the bilateral condition.
+    """
+    from cvae_mammo.inference.predict import load_predictor, load_scoring, predict_split
+    from cvae_mammo.inference.scoring import final_scores, fit_reference
+
+    predictor = load_predictor(run_dir)
+    if not predictor.needs_partners:
+        return pd.DataFrame(index=test.index)
+    predictor.needs_partners = False
+    val = predict_split(run_dir, fold_data, "val", write=False, predictor=predictor)
+    alone = predict_split(run_dir, fold_data, "test", write=False, predictor=predictor)
+    alone = alone.set_index("image_id").loc[test["image_id"]].reset_index()
+    base = load_scoring(run_dir)
+    base = base.replace(reference=fit_reference(val[val["label"] == 0]))
+    columns = {"unpaired RECIPE": final_scores(alone, base)}
+    for name in base.reference:
+        config = base.replace(weights={name: 1.0}, contralateral_weight=1.0)
+        columns[f"unpaired {name}-contra"] = final_scores(alone, config)
+    return pd.DataFrame({k: v.to_numpy() for k, v in columns.items()}, index=test.index)
+
+
 def localisation(run_dir: Path, fold_data: Path, test: pd.DataFrame, mias: Path
                  ) -> list[dict[str, float]]:
     """Top-1% map region vs annotated circle for each abnormal test image with coordinates."""
@@ -243,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                                      "score", "has_partner"] if "has_partner" in test else
                                     ["image_id", "patient_id", "label", "background_tissue",
                                      "score"]],
-                               candidate_table(run_dir, test)], axis=1).assign(fold=fold)
+                               candidate_table(run_dir, test),
+                               unpaired_table(run_dir, fold_data, test)], axis=1).assign(fold=fold)
             oof[name].append(table)
             hits[name] += localisation(run_dir, fold_data, test, args.mias)
             print(f"fold {fold} {name}: {time.perf_counter() - started:.0f} s, chose "

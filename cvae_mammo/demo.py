@@ -58,7 +58,7 @@ class DemoOptions:
         starts from random weights (the demo runs offline) and trains in graph mode: its
         first step compiles for a minute or two on a CPU, then each epoch takes seconds,
         where eager training ran at 1.5 images/s."""
-        return cls(n_patients=100, positive_fraction=0.3, cvae_epochs=20, classifier_epochs=12,
+        return cls(n_patients=84, positive_fraction=0.3, cvae_epochs=16, classifier_epochs=10,
                    classifier_backbone="EfficientNetB0", n_bootstrap=500)
 
     @classmethod
