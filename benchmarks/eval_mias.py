@@ -7,12 +7,15 @@ recipe runs on that split file exactly as a user would run it:
     fit_cvae(config)  ->  calibrate_run(split="val", select_score=True)  ->  predict_split("test")
 
 so every choice (the score, its standardisation, epochs by early stopping, the
-threshold) is made on the inner validation women only. The held-out fold's scores
+threshold) is made on the inner validation women only. The README recipe's default
+score (``calibrate`` without ``--select-score``: mean NLL minus the other breast's,
+``DEFAULT_SCORE``) is printed from the same models. The held-out fold's scores
 are standardised by the inner validation normals (``scoring.json`` reference), so
 the folds' scores can be pooled into one out-of-fold ROC-AUC with a patient-bootstrap
 95% CI. Printed side by side, from the same models and images:
 
-* each CVAE configuration's recipe score (what ``calibrate --select-score`` chose);
+* each CVAE configuration's ``--select-score`` score (what it chose on val) and its
+  default score;
 * every candidate score (each map's mean / top-k, -ELBO, with or without the other
   breast's, alone or plus the brightest-tissue rule), each standardised the same way;
 * the one-line bilateral rule: 99th-percentile-like brightest tissue (top 1% mean)
@@ -59,6 +62,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mini_m
 FINDINGS = ("CALC", "CIRC", "SPIC", "MISC", "ARCH", "ASYM")
 TISSUES = ("F", "G", "D")
 RULE = "intensity_topk-contra"
+DEFAULT_SCORE = "nll_mean-contra"
 
 
 def mias_metadata(mias: Path, out: Path) -> Path:
@@ -146,7 +150,7 @@ def unpaired_table(run_dir: Path, fold_data: Path, test: pd.DataFrame) -> pd.Dat
     """Ablation of the bilateral condition: the same model scored with every partner zeroed
     (its single-image path), standardised by the inner val normals scored the same way.
 
-    Columns ``unpaired RECIPE`` (the score chosen on val) and ``unpaired <score>-contra``.
+    Columns ``unpaired SELECT-SCORE`` (the score chosen on val) and ``unpaired <score>-contra``.
     Empty for a model without the bilateral condition.
     """
     from cvae_mammo.inference.predict import load_predictor, load_scoring, predict_split
@@ -161,7 +165,7 @@ def unpaired_table(run_dir: Path, fold_data: Path, test: pd.DataFrame) -> pd.Dat
     alone = alone.set_index("image_id").loc[test["image_id"]].reset_index()
     base = load_scoring(run_dir)
     base = base.replace(reference=fit_reference(val[val["label"] == 0]))
-    columns = {"unpaired RECIPE": final_scores(alone, base)}
+    columns = {"unpaired SELECT-SCORE": final_scores(alone, base)}
     for name in base.reference:
         config = base.replace(weights={name: 1.0}, contralateral_weight=1.0)
         columns[f"unpaired {name}-contra"] = final_scores(alone, config)
@@ -285,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_csv(args.out / f"oof_{name}.csv", pooled)
         groups = pooled["patient_id"]
         recipe = auc_line(pooled["label"], pooled["score"], groups)
-        lines.append({"config": name, "score": "RECIPE (chosen on val)", **recipe})
+        lines.append({"config": name, "score": "SELECT-SCORE (chosen on val)", **recipe})
         candidates = [c for c in pooled.columns if c not in
                       {"image_id", "patient_id", "label", "background_tissue", "score",
                        "has_partner", "fold"}]
@@ -296,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         summary[name] = {
             "recipe": recipe, "chosen": chosen[name],
             "breakdown": breakdown(pooled, "score", args.mias),
+            "default_breakdown": (breakdown(pooled, DEFAULT_SCORE, args.mias)
+                                  if DEFAULT_SCORE in pooled else {}),
             "rule_breakdown": breakdown(pooled, RULE, args.mias) if RULE in pooled else {},
             "localisation": {"images": len(located),
                              "hit_fraction": float(located["hit"].mean()) if len(located) else None,
@@ -308,10 +314,12 @@ def main(argv: list[str] | None = None) -> int:
         print(table.sort_values(["config", "auc"], ascending=[True, False]).to_string(
             index=False, float_format=lambda v: f"{v:.3f}"))
     for name in configs:
-        print(f"\n== {name}: recipe {summary[name]['recipe']}")
+        print(f"\n== {name}: --select-score {summary[name]['recipe']}")
         print("   chosen per fold:", "; ".join(summary[name]["chosen"]))
-        print("   per finding / tissue:", {k: round(v, 3) for k, v in
-                                           summary[name]["breakdown"].items()})
+        print("   --select-score per finding / tissue:", {k: round(v, 3) for k, v in
+                                                          summary[name]["breakdown"].items()})
+        print(f"   {DEFAULT_SCORE} (default) per finding / tissue:",
+              {k: round(v, 3) for k, v in summary[name]["default_breakdown"].items()})
         print("   rule per finding / tissue:", {k: round(v, 3) for k, v in
                                                 summary[name]["rule_breakdown"].items()})
         print("   localisation:", summary[name]["localisation"])
