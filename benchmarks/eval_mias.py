@@ -56,13 +56,16 @@ import pandas as pd
 from cvae_mammo.data.splits import make_splits, write_splits
 from cvae_mammo.evaluation.metrics import roc_with_ci
 from cvae_mammo.fileio import atomic_write_csv, atomic_write_json, read_json
+from cvae_mammo.inference.scoring import ScoringConfig
 from cvae_mammo.preprocessing.geometry import circle_mask, mask_to_dataset
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mini_mias"
 FINDINGS = ("CALC", "CIRC", "SPIC", "MISC", "ARCH", "ASYM")
 TISSUES = ("F", "G", "D")
 RULE = "intensity_topk-contra"
-DEFAULT_SCORE = "nll_mean-contra"
+#: The score ``calibrate`` keeps without ``--select-score`` (ScoringConfig's defaults).
+DEFAULT_SCORE = "+".join(ScoringConfig().weights) + (
+    "-contra" if ScoringConfig().contralateral_weight else "")
 
 
 def mias_metadata(mias: Path, out: Path) -> Path:
@@ -126,23 +129,22 @@ def run_recipe(config: Path, fold_data: Path, run_dir: Path, seed: int,
     return predict_split(run_dir, fold_data, "test")
 
 
-def candidate_table(run_dir: Path, test: pd.DataFrame) -> pd.DataFrame:
+def candidate_table(base: ScoringConfig, test: pd.DataFrame, prefix: str = "") -> pd.DataFrame:
     """Every pooled score of the held-out images (alone, minus the other breast's, and plus the
-    brightest-tissue rule), standardised by the inner val normals, selectable or not."""
-    from cvae_mammo.inference.predict import load_scoring
+    brightest-tissue rule), standardised by ``base.reference`` (the inner val normals),
+    selectable or not; column names start with ``prefix``."""
     from cvae_mammo.inference.scoring import INTENSITY_SCORE, final_scores
 
-    base = load_scoring(run_dir)
     available = [name for name in base.reference if name in test]
     columns = {}
     for name in available:
         for contra in (0.0, 1.0):
             config = base.replace(weights={name: 1.0}, contralateral_weight=contra)
-            columns[name + ("-contra" if contra else "")] = final_scores(test, config)
+            columns[prefix + name + ("-contra" if contra else "")] = final_scores(test, config)
         if name != INTENSITY_SCORE:
             config = base.replace(weights={name: 1.0, INTENSITY_SCORE: 1.0},
                                   contralateral_weight=1.0)
-            columns[f"{name}+intensity-contra"] = final_scores(test, config)
+            columns[f"{prefix}{name}+intensity-contra"] = final_scores(test, config)
     return pd.DataFrame(columns, index=test.index)
 
 
@@ -150,8 +152,8 @@ def unpaired_table(run_dir: Path, fold_data: Path, test: pd.DataFrame) -> pd.Dat
     """Ablation of the bilateral condition: the same model scored with every partner zeroed
     (its single-image path), standardised by the inner val normals scored the same way.
 
-    Columns ``unpaired SELECT-SCORE`` (the score chosen on val) and ``unpaired <score>-contra``.
-    Empty for a model without the bilateral condition.
+    Columns ``unpaired SELECT-SCORE`` (the score chosen on val) and ``unpaired <candidate>``
+    for every :func:`candidate_table` column. Empty for a model without the bilateral condition.
     """
     from cvae_mammo.inference.predict import load_predictor, load_scoring, predict_split
     from cvae_mammo.inference.scoring import final_scores, fit_reference
@@ -163,13 +165,10 @@ def unpaired_table(run_dir: Path, fold_data: Path, test: pd.DataFrame) -> pd.Dat
     val = predict_split(run_dir, fold_data, "val", write=False, predictor=predictor)
     alone = predict_split(run_dir, fold_data, "test", write=False, predictor=predictor)
     alone = alone.set_index("image_id").loc[test["image_id"]].reset_index()
-    base = load_scoring(run_dir)
-    base = base.replace(reference=fit_reference(val[val["label"] == 0]))
-    columns = {"unpaired SELECT-SCORE": final_scores(alone, base)}
-    for name in base.reference:
-        config = base.replace(weights={name: 1.0}, contralateral_weight=1.0)
-        columns[f"unpaired {name}-contra"] = final_scores(alone, config)
-    return pd.DataFrame({k: v.to_numpy() for k, v in columns.items()}, index=test.index)
+    base = load_scoring(run_dir).replace(reference=fit_reference(val[val["label"] == 0]))
+    table = candidate_table(base, alone, prefix="unpaired ")
+    table.insert(0, "unpaired SELECT-SCORE", final_scores(alone, base))
+    return table.set_index(test.index)
 
 
 def localisation(run_dir: Path, fold_data: Path, test: pd.DataFrame, mias: Path
@@ -247,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="override the configs' epochs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    from cvae_mammo.inference.predict import load_scoring
+
     if not (args.mias / "labels.csv").is_file():
         print(f"mini-MIAS not found at {args.mias}", file=sys.stderr)
         return 2
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "score", "has_partner"] if "has_partner" in test else
                                     ["image_id", "patient_id", "label", "background_tissue",
                                      "score"]],
-                               candidate_table(run_dir, test),
+                               candidate_table(load_scoring(run_dir), test),
                                unpaired_table(run_dir, fold_data, test)], axis=1).assign(fold=fold)
             oof[name].append(table)
             hits[name] += localisation(run_dir, fold_data, test, args.mias)
