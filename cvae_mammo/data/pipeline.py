@@ -169,7 +169,7 @@ def build_pipeline(
     ``threads``: private thread-pool size (default: TensorFlow's). The
     order, the sampling and every augmentation are fixed by ``seed``.
     """
-    import tensorflow as tf
+    from cvae_mammo.tf_startup import tf
 
     if "path" not in frame.columns:
         raise InputError("build_pipeline: the frame has no 'path' column (metadata-only manifest?)")

@@ -12,12 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 import pandas as pd
 
 from cvae_mammo.models.classifier import backbone_of, predict_proba
 from cvae_mammo.models.classifier_config import ClassifierConfig
+from cvae_mammo.tf_startup import keras
 
 
 def grad_cam(model: keras.Model, inputs: dict[str, Any]) -> np.ndarray:
@@ -27,7 +27,7 @@ def grad_cam(model: keras.Model, inputs: dict[str, Any]) -> np.ndarray:
     gradient, upsampled bilinearly to the input size and scaled per image
     to a maximum of 1 (all zeros when no feature pushes the score up).
     """
-    import tensorflow as tf
+    from cvae_mammo.tf_startup import tf
 
     images = tf.convert_to_tensor(inputs["image"], tf.float32)
     backbone = backbone_of(model)

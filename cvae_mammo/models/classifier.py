@@ -22,15 +22,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
-from keras import ops
 
 from cvae_mammo.errors import InputError
 from cvae_mammo.models.classifier_config import AUX_TARGETS, BACKBONES, ClassifierConfig
 from cvae_mammo.models.layers import BN_MOMENTUM
+from cvae_mammo.tf_startup import keras, tf
 
 
 @keras.saving.register_keras_serializable(package="cvae_mammo")
@@ -43,7 +41,7 @@ class BackboneInput(keras.layers.Layer):
 
     def call(self, images: Any) -> Any:
         """Repeat the single channel three times and rescale."""
-        return ops.repeat(images, 3, axis=-1) * ops.cast(self.scale, images.dtype)
+        return keras.ops.repeat(images, 3, axis=-1) * keras.ops.cast(self.scale, images.dtype)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         """Same shape with three channels."""
@@ -71,9 +69,9 @@ class GeMPooling(keras.layers.Layer):
 
     def call(self, features: Any) -> Any:
         """``mean(max(x, eps) ** p) ** (1 / p)`` over the spatial axes."""
-        p = ops.cast(self.p, features.dtype)
-        clipped = ops.maximum(features, ops.cast(self.epsilon, features.dtype))
-        return ops.power(ops.mean(ops.power(clipped, p), axis=(1, 2)), 1.0 / p)
+        p = keras.ops.cast(self.p, features.dtype)
+        clipped = keras.ops.maximum(features, keras.ops.cast(self.epsilon, features.dtype))
+        return keras.ops.power(keras.ops.mean(keras.ops.power(clipped, p), axis=(1, 2)), 1.0 / p)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         """``(batch, channels)``."""
@@ -99,18 +97,18 @@ class ProbabilisticF1(keras.metrics.Metric):
 
     def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> None:
         """Accumulate the probability mass on positives and negatives."""
-        y_true = ops.reshape(ops.cast(y_true, "float32"), (-1,))
-        y_pred = ops.reshape(ops.cast(y_pred, "float32"), (-1,))
-        self.p_tp.assign_add(ops.sum(y_pred * y_true))
-        self.p_fp.assign_add(ops.sum(y_pred * (1.0 - y_true)))
-        self.positives.assign_add(ops.sum(y_true))
+        y_true = keras.ops.reshape(keras.ops.cast(y_true, "float32"), (-1,))
+        y_pred = keras.ops.reshape(keras.ops.cast(y_pred, "float32"), (-1,))
+        self.p_tp.assign_add(keras.ops.sum(y_pred * y_true))
+        self.p_fp.assign_add(keras.ops.sum(y_pred * (1.0 - y_true)))
+        self.positives.assign_add(keras.ops.sum(y_true))
 
     def result(self) -> Any:
         """pF1 so far (0 when nothing was predicted or no positive was seen)."""
         eps = keras.config.epsilon()
-        precision = self.p_tp / ops.maximum(self.p_tp + self.p_fp, eps)
-        recall = self.p_tp / ops.maximum(self.positives, eps)
-        return 2.0 * precision * recall / ops.maximum(precision + recall, eps)
+        precision = self.p_tp / keras.ops.maximum(self.p_tp + self.p_fp, eps)
+        recall = self.p_tp / keras.ops.maximum(self.positives, eps)
+        return 2.0 * precision * recall / keras.ops.maximum(precision + recall, eps)
 
     def reset_state(self) -> None:
         """Start a new epoch."""
@@ -132,11 +130,11 @@ class WeightedBinaryCrossentropy(keras.losses.Loss):
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
         """Per-sample BCE times ``pos_weight`` where the label is positive."""
-        y_true = ops.cast(y_true, y_pred.dtype)
+        y_true = keras.ops.cast(y_true, y_pred.dtype)
         bce = keras.losses.binary_crossentropy(
             y_true, y_pred, label_smoothing=self.label_smoothing
         )
-        weights = 1.0 + (self.pos_weight - 1.0) * ops.squeeze(y_true, axis=-1)
+        weights = 1.0 + (self.pos_weight - 1.0) * keras.ops.squeeze(y_true, axis=-1)
         return bce * weights
 
     def get_config(self) -> dict[str, Any]:
@@ -162,16 +160,16 @@ class MaskedAuxiliaryLoss(keras.losses.Loss):
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
         """Per-sample loss, zero where the target is missing, rescaled to the known mean."""
-        y_true = ops.reshape(ops.cast(y_true, "float32"), (-1,))
-        known = ops.cast(y_true >= 0, "float32")
-        safe = ops.maximum(y_true, 0.0)
-        y_pred = ops.cast(y_pred, "float32")
+        y_true = keras.ops.reshape(keras.ops.cast(y_true, "float32"), (-1,))
+        known = keras.ops.cast(y_true >= 0, "float32")
+        safe = keras.ops.maximum(y_true, 0.0)
+        y_pred = keras.ops.cast(y_pred, "float32")
         if self.classes == 1:
-            per_sample = keras.losses.binary_crossentropy(ops.expand_dims(safe, -1), y_pred)
+            per_sample = keras.losses.binary_crossentropy(keras.ops.expand_dims(safe, -1), y_pred)
         else:
-            per_sample = keras.losses.sparse_categorical_crossentropy(ops.cast(safe, "int32"), y_pred)
-        batch = ops.cast(ops.shape(y_true)[0], "float32")
-        return per_sample * known * batch / ops.maximum(ops.sum(known), 1.0)
+            per_sample = keras.losses.sparse_categorical_crossentropy(keras.ops.cast(safe, "int32"), y_pred)
+        batch = keras.ops.cast(keras.ops.shape(y_true)[0], "float32")
+        return per_sample * known * batch / keras.ops.maximum(keras.ops.sum(known), 1.0)
 
     def get_config(self) -> dict[str, Any]:
         """Serialisable configuration."""

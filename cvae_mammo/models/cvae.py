@@ -46,10 +46,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-import keras
 import numpy as np
-import tensorflow as tf
-import tensorflow_probability as tfp
 
 from cvae_mammo.models.layers import PACKAGE, ResidualBlock, UpBlock, batch_norm
 from cvae_mammo.models.losses import (
@@ -63,6 +60,7 @@ from cvae_mammo.models.losses import (
     pixel_nll,
 )
 from cvae_mammo.models.training_options import TrainingOptions
+from cvae_mammo.tf_startup import keras, tf, tfp
 
 tfd = tfp.distributions
 

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import keras
-import tensorflow as tf
+from cvae_mammo.tf_startup import keras, tf
 
 PACKAGE = "cvae_mammo"
 #: Batch-norm momentum: 0.9 so moving statistics settle within an epoch of a small dataset.

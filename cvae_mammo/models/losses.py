@@ -21,8 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import tensorflow as tf
-import tensorflow_probability as tfp
+from cvae_mammo.tf_startup import tf, tfp
 
 tfd = tfp.distributions
 

@@ -28,10 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
 from cvae_mammo.config import parse_image_size
 from cvae_mammo.data.dataset import MammoDataset
@@ -47,6 +45,7 @@ from cvae_mammo.models.classifier import (
     set_backbone_trainable,
 )
 from cvae_mammo.models.classifier_config import ClassifierConfig
+from cvae_mammo.tf_startup import keras, tf
 from cvae_mammo.training.common import (
     ResumePoint,
     make_optimizer,

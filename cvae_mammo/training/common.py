@@ -42,14 +42,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
 from cvae_mammo.errors import InputError, TrainingDivergedError
 from cvae_mammo.fileio import PathLike, atomic_write_csv, atomic_write_json, read_json
 from cvae_mammo.models.training_options import PRECISIONS, XLA_MODES
+from cvae_mammo.tf_startup import keras, tf
 
 LOGGER = logging.getLogger(__name__)
 

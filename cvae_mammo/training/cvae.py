@@ -29,10 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
 from cvae_mammo.config import parse_image_size
 from cvae_mammo.data.dataset import MammoDataset
@@ -44,6 +42,7 @@ from cvae_mammo.fileio import PathLike, atomic_write_bytes, atomic_write_json
 from cvae_mammo.models.cvae import ConvVAE, CVAEConfig, build_cvae
 from cvae_mammo.models.density import DENSITY_FILE, FeatureDensity, grid_mask
 from cvae_mammo.models.losses import breast_mask, ssim_map
+from cvae_mammo.tf_startup import keras, tf
 from cvae_mammo.training.common import (
     make_optimizer,
     resolve_xla,

@@ -26,9 +26,8 @@ import logging
 import os
 from typing import Any
 
-import tensorflow as tf
-
 from cvae_mammo.errors import InputError
+from cvae_mammo.tf_startup import tf
 
 LOGGER = logging.getLogger(__name__)
 

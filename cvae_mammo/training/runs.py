@@ -241,7 +241,7 @@ def load_keras_model(path: PathLike) -> Any:
     a ``Lambda`` layer with Python code), is reported naming the file:
     :class:`FileNotFoundError` or :class:`InputError`.
     """
-    import keras
+    from cvae_mammo.tf_startup import keras
 
     path = Path(path)
     if not path.is_file():

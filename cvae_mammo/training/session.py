@@ -24,12 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import keras
-import tensorflow as tf
-
 from cvae_mammo.errors import InputError
 from cvae_mammo.fileio import PathLike
 from cvae_mammo.models.training_options import TrainingOptions
+from cvae_mammo.tf_startup import keras, tf
 from cvae_mammo.training.common import (
     BEST_CHECKPOINT,
     CHECKPOINT_DIR,
