@@ -179,8 +179,7 @@ def localisation(run_dir: Path, fold_data: Path, test: pd.DataFrame, mias: Path
     from cvae_mammo.models.cvae import CVAEConfig
     from cvae_mammo.training.cvae import ModelInputs
 
-    findings = pd.read_csv(mias / "labels.csv", dtype=str, keep_default_na=False)
-    findings = findings[(findings["abnormality"] != "NORM") & (findings["x"] != "")]
+    findings = located_findings(mias)
     rows = test[test["image_id"].isin(findings["image_id"])]
     if rows.empty:
         return []
@@ -190,20 +189,30 @@ def localisation(run_dir: Path, fold_data: Path, test: pd.DataFrame, mias: Path
     inputs = ModelInputs.load(paired, fold_data, config, predictor.encoder)
     _, maps = predictor.score(inputs.images, paired, inputs.partners)
     masks = predictor.masks(inputs.images)
-    results = []
-    for i, (_, row) in enumerate(paired.iterrows()):
-        size = maps[i].shape
-        circle = np.zeros((1024, 1024), bool)
-        for finding in findings[findings["image_id"] == row["image_id"]].itertuples():
-            circle |= circle_mask((1024, 1024), (float(finding.x), 1024.0 - float(finding.y)),
-                                  float(finding.radius))
-        target = mask_to_dataset(circle, row, size) & masks[i]
-        inside = maps[i][masks[i]]
-        threshold = np.partition(inside, int(0.99 * inside.size))[int(0.99 * inside.size)]
-        top = (maps[i] >= threshold) & masks[i]
-        results.append({"image_id": row["image_id"], "hit": float((top & target).any()),
-                        "chance": float(target.sum() / max(masks[i].sum(), 1))})
-    return results
+    return [map_hit(maps[i], masks[i], row, findings)
+            for i, (_, row) in enumerate(paired.iterrows())]
+
+
+def located_findings(mias: Path) -> pd.DataFrame:
+    """mini-MIAS findings that have centre coordinates and a radius."""
+    findings = pd.read_csv(mias / "labels.csv", dtype=str, keep_default_na=False)
+    return findings[(findings["abnormality"] != "NORM") & (findings["x"] != "")]
+
+
+def map_hit(anomaly_map: np.ndarray, mask: np.ndarray, row: pd.Series,
+            findings: pd.DataFrame) -> dict[str, float]:
+    """Whether the top 1% of ``anomaly_map`` inside ``mask`` touches the image's annotated
+    circles (mapped into the dataset geometry of manifest ``row``), and the chance of that."""
+    circle = np.zeros((1024, 1024), bool)
+    for finding in findings[findings["image_id"] == row["image_id"]].itertuples():
+        circle |= circle_mask((1024, 1024), (float(finding.x), 1024.0 - float(finding.y)),
+                              float(finding.radius))
+    target = mask_to_dataset(circle, row, anomaly_map.shape) & mask
+    inside = anomaly_map[mask]
+    threshold = np.partition(inside, int(0.99 * inside.size))[int(0.99 * inside.size)]
+    top = (anomaly_map >= threshold) & mask
+    return {"image_id": row["image_id"], "hit": float((top & target).any()),
+            "chance": float(target.sum() / max(mask.sum(), 1))}
 
 
 def auc_line(labels: pd.Series, scores: pd.Series, groups: pd.Series) -> dict[str, float]:
