@@ -8,8 +8,9 @@ recipe runs on that split file exactly as a user would run it:
 
 so every choice (the score, its standardisation, epochs by early stopping, the
 threshold) is made on the inner validation women only. The README recipe's default
-score (``calibrate`` without ``--select-score``: mean NLL minus the other breast's,
-``DEFAULT_SCORE``) is printed from the same models. The held-out fold's scores
+score (``calibrate`` without ``--select-score``: the lesion segmenter's top-1% probability
+minus the other breast's in a run that has one, else mean NLL minus the other breast's,
+``DEFAULT_SCORES``) is printed from the same models. The held-out fold's scores
 are standardised by the inner validation normals (``scoring.json`` reference), so
 the folds' scores can be pooled into one out-of-fold ROC-AUC with a patient-bootstrap
 95% CI. Printed side by side, from the same models and images:
@@ -42,6 +43,7 @@ MIAS: Suckling J. et al., Excerpta Medica Int. Congress Series 1069, 1994, pp. 3
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -56,16 +58,22 @@ import pandas as pd
 from cvae_mammo.data.splits import make_splits, write_splits
 from cvae_mammo.evaluation.metrics import roc_with_ci
 from cvae_mammo.fileio import atomic_write_csv, atomic_write_json, read_json
-from cvae_mammo.inference.scoring import ScoringConfig
+from cvae_mammo.inference.scoring import ScoringConfig, segmenter_scoring
 from cvae_mammo.preprocessing.geometry import circle_mask, mask_to_dataset
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mini_mias"
 FINDINGS = ("CALC", "CIRC", "SPIC", "MISC", "ARCH", "ASYM")
 TISSUES = ("F", "G", "D")
 RULE = "intensity_topk-contra"
-#: The score ``calibrate`` keeps without ``--select-score`` (ScoringConfig's defaults).
-DEFAULT_SCORE = "+".join(ScoringConfig().weights) + (
-    "-contra" if ScoringConfig().contralateral_weight else "")
+
+
+def default_score_name(scoring: ScoringConfig) -> str:
+    """The candidate-table name of the score ``calibrate`` keeps without ``--select-score``."""
+    return "+".join(scoring.weights) + ("-contra" if scoring.contralateral_weight else "")
+
+
+#: ``calibrate``'s score without ``--select-score``, in a run with and without the segmenter.
+DEFAULT_SCORES = (default_score_name(segmenter_scoring()), default_score_name(ScoringConfig()))
 
 
 def mias_metadata(mias: Path, out: Path) -> Path:
@@ -119,12 +127,17 @@ def run_recipe(config: Path, fold_data: Path, run_dir: Path, seed: int,
     """fit-cvae -> calibrate --select-score on val -> predict test; the scored test rows."""
     from cvae_mammo.evaluation.run_calibration import calibrate_run
     from cvae_mammo.inference.predict import predict_split
+    from cvae_mammo.models.cvae import CVAEConfig
     from cvae_mammo.training.cvae import fit_cvae
+    from cvae_mammo.training.lesion_segmenter import fit_lesion_segmenter, segmenter_done
 
     if not (run_dir / "model.keras").is_file():
         resume = (run_dir / "config.json").is_file()
         fit_cvae(fold_data, run_dir, config=config, seed=seed, epochs=epochs, resume=resume,
                  command=[sys.executable, *sys.argv])
+    wanted = CVAEConfig.load(config).replace(seed=seed)
+    if wanted.lesion_steps > 0 and not segmenter_done(run_dir, wanted):
+        fit_lesion_segmenter(run_dir, fold_data, wanted)  # the step fit_cvae ends with
     calibrate_run(run_dir, fold_data, "val", method="youden", select_score=True, seed=seed)
     return predict_split(run_dir, fold_data, "test")
 
@@ -185,8 +198,9 @@ def localisation(run_dir: Path, fold_data: Path, test: pd.DataFrame, mias: Path
         return []
     predictor = load_predictor(run_dir)
     config = CVAEConfig.from_dict(read_json(run_dir / "config.json")["model"])
-    paired = with_partners(rows, within=test) if config.bilateral else rows
-    inputs = ModelInputs.load(paired, fold_data, config, predictor.encoder)
+    paired = with_partners(rows, within=test) if predictor.needs_partners else rows
+    inputs = ModelInputs.load(paired, fold_data, config.replace(bilateral=predictor.needs_partners),
+                              predictor.encoder)
     _, maps = predictor.score(inputs.images, paired, inputs.partners)
     masks = predictor.masks(inputs.images)
     return [map_hit(maps[i], masks[i], row, findings)
@@ -255,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="override the configs' epochs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from cvae_mammo.inference.predict import load_scoring
 
     if not (args.mias / "labels.csv").is_file():
@@ -307,11 +322,13 @@ def main(argv: list[str] | None = None) -> int:
             lines.append({"config": name, "score": column,
                           **auc_line(pooled["label"], pooled[column], groups)})
         located = pd.DataFrame(hits[name])
+        default = next(score for score in DEFAULT_SCORES
+                       if score in pooled and pooled[score].std() > 0)
         summary[name] = {
             "recipe": recipe, "chosen": chosen[name],
             "breakdown": breakdown(pooled, "score", args.mias),
-            "default_breakdown": (breakdown(pooled, DEFAULT_SCORE, args.mias)
-                                  if DEFAULT_SCORE in pooled else {}),
+            "default": default,
+            "default_breakdown": breakdown(pooled, default, args.mias),
             "rule_breakdown": breakdown(pooled, RULE, args.mias) if RULE in pooled else {},
             "localisation": {"images": len(located),
                              "hit_fraction": float(located["hit"].mean()) if len(located) else None,
@@ -328,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         print("   chosen per fold:", "; ".join(summary[name]["chosen"]))
         print("   --select-score per finding / tissue:", {k: round(v, 3) for k, v in
                                                           summary[name]["breakdown"].items()})
-        print(f"   {DEFAULT_SCORE} (default) per finding / tissue:",
+        print(f"   {summary[name]['default']} (default) per finding / tissue:",
               {k: round(v, 3) for k, v in summary[name]["default_breakdown"].items()})
         print("   rule per finding / tissue:", {k: round(v, 3) for k, v in
                                                 summary[name]["rule_breakdown"].items()})

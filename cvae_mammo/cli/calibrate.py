@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-breast pooling of image scores for --level breast")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--select-score", action="store_true",
-                        help="anomaly runs: also choose the score (each map's mean/top-k, -ELBO, "
+                        help="anomaly runs: also choose the score (each map's mean/top-k: lesion "
+                             "segmenter, NLL, excess, KL, feature density; -ELBO; "
                              "with or without the other breast's, alone or with the brightest-"
                              "tissue rule) with the best ROC-AUC on --split")
 

@@ -19,6 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    "small")
     parser.add_argument("--condition", type=columns, default=None,
                         help="metadata columns to condition on, e.g. view,laterality,density")
+    parser.add_argument("--lesion-steps", type=int, default=None, metavar="N",
+                        help="training steps of the bilateral lesion segmenter trained after the "
+                             "CVAE (its score becomes the run's); 0: none. Default: the config's "
+                             "lesion_steps (800)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         run_dir = fit_cvae(args.data, args.out, config=args.config, conditioning=args.condition,
-                           **training_overrides(args))
+                           lesion_steps=args.lesion_steps, **training_overrides(args))
     except TrainingDivergedError as error:
         print(f"cvae-mammo fit-cvae: training diverged: {error}", file=sys.stderr)
         return 3

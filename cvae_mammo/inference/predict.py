@@ -110,6 +110,7 @@ class CVAEPredictor:
 
     def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
         from cvae_mammo.models.density import DENSITY_FILE, FeatureDensity
+        from cvae_mammo.models.lesion_segmenter import load_lesion_segmenter
         from cvae_mammo.models.losses import breast_mask
         from cvae_mammo.training.runs import load_run_encoder, load_run_model
 
@@ -117,7 +118,9 @@ class CVAEPredictor:
         self.scoring = load_scoring(run_dir)
         self.image_size = (int(config["image_size"][0]), int(config["image_size"][1]))
         self.mask_threshold = float(config.get("model", {}).get("mask_threshold", 0.04))
-        self.needs_partners = bool(config.get("model", {}).get("bilateral", False))
+        self.bilateral = bool(config.get("model", {}).get("bilateral", False))
+        self.segmenter = load_lesion_segmenter(run_dir)
+        self.needs_partners = self.bilateral or self.segmenter is not None
         self.encoder = load_run_encoder(run_dir)
         density_path = Path(run_dir) / DENSITY_FILE
         self.density = FeatureDensity.load(density_path) if density_path.is_file() else None
@@ -130,8 +133,12 @@ class CVAEPredictor:
     def score(self, images: np.ndarray, rows: pd.DataFrame, partners: np.ndarray | None = None
               ) -> tuple[pd.DataFrame, np.ndarray]:
         """Pooled scores (:data:`~cvae_mammo.inference.scoring.SCORE_NAMES`) and overlay maps."""
+        from cvae_mammo.models.lesion_segmenter import lesion_probability
+
         condition = self.encoder.transform(rows) if self.encoder is not None else None
-        analysis = self.model.analyse(images, partners, condition)
+        analysis = self.model.analyse(images, partners if self.bilateral else None, condition)
+        if self.segmenter is not None:
+            analysis["lesion"] = lesion_probability(self.segmenter, images, partners)
         masks = self.masks(images)
         overlay_kind = self.scoring.map_kind
         rows_out, overlays = [], []

@@ -18,7 +18,9 @@ inside it by normalised convolution so the mask edge is not biased):
 * ``density`` -- Mahalanobis distance of the encoder features to those of the
   training normals (:class:`~cvae_mammo.models.density.FeatureDensity`);
 * ``intensity`` -- the image itself (with ``topk`` and the other breast, the
-  bilateral brightest-tissue rule, a non-learned reference).
+  bilateral brightest-tissue rule, a non-learned reference);
+* ``lesion`` -- the lesion probability of the run's bilateral lesion segmenter
+  (:mod:`cvae_mammo.models.lesion_segmenter`), all zero in a run without one.
 
 Scores: ``<map>_mean`` and ``<map>_topk`` (mean of the top ``top_percent`` % of
 the map inside the breast), plus ``neg_elbo``. :class:`ScoringConfig` combines
@@ -43,7 +45,7 @@ from cvae_mammo.data.pairing import partner_candidates
 from cvae_mammo.errors import InputError
 
 #: Per-pixel maps :func:`score_maps` computes.
-MAP_KINDS: tuple[str, ...] = ("l1", "nll", "excess", "kl", "density", "intensity")
+MAP_KINDS: tuple[str, ...] = ("l1", "nll", "excess", "kl", "density", "intensity", "lesion")
 #: Poolings of a map into an image score.
 POOLS: tuple[str, ...] = ("mean", "topk")
 #: Every pooled score :func:`image_scores` returns.
@@ -117,6 +119,12 @@ class ScoringConfig(ConfigBase):
         return first.rsplit("_", 1)[0] if first != "neg_elbo" else "nll"
 
 
+def segmenter_scoring() -> ScoringConfig:
+    """The score of a run with a lesion segmenter: its top-1% lesion probability minus the
+    other breast's (the overlay is the lesion map)."""
+    return ScoringConfig(weights={"lesion_topk": 1.0}, overlay="lesion")
+
+
 def _as_2d(array: Any, name: str) -> np.ndarray:
     values = np.asarray(array, dtype=np.float64)
     if values.ndim == 3 and values.shape[-1] == 1:
@@ -158,7 +166,8 @@ def score_maps(image: Any, analysis: Mapping[str, np.ndarray], mask: Any,
     ``analysis`` holds this image's entries of :meth:`ConvVAE.analyse` (``mean``,
     ``scale``, ``nll`` ``[H, W]``, ``kl`` ``[h, w]``, ``features`` ``[h, w, C]``);
     ``density`` is the run's :class:`~cvae_mammo.models.density.FeatureDensity`
-    (the ``density`` map is all zero without it).
+    (the ``density`` map is all zero without it); an optional ``lesion`` entry
+    ``[H, W]`` is the segmenter's probability map (all zero without it).
     """
     config = config or ScoringConfig()
     x = _as_2d(image, "image")
@@ -175,6 +184,8 @@ def score_maps(image: Any, analysis: Mapping[str, np.ndarray], mask: Any,
         "density": (upsample_grid(density.distance(analysis["features"]), x.shape)
                     if density is not None else np.zeros_like(x)),
         "intensity": x,
+        "lesion": (_as_2d(analysis["lesion"], "lesion") if "lesion" in analysis
+                   else np.zeros_like(x)),
     }
     return {kind: smooth_in_mask(raw[kind], m, config.smooth_sigma).astype(np.float32)
             for kind in MAP_KINDS}
@@ -263,10 +274,11 @@ def final_scores(scores: pd.DataFrame, config: ScoringConfig) -> pd.Series:
 
 #: The learned scores :func:`select_scoring` compares: each model map pooled over the whole
 #: breast (diffuse findings, noisy maps) or its top-k% (focal lesions), and -ELBO. The plain
-#: L1 error is left out: the NLL map is the same error in units of the model's scale.
+#: L1 error is left out: the NLL map is the same error in units of the model's scale. The
+#: lesion segmenter's scores compete only in runs that have one (elsewhere they do not vary).
 SELECTABLE: tuple[str, ...] = (
-    "nll_mean", "nll_topk", "excess_mean", "excess_topk", "kl_mean", "kl_topk",
-    "density_mean", "density_topk", "neg_elbo",
+    "lesion_topk", "lesion_mean", "nll_mean", "nll_topk", "excess_mean", "excess_topk",
+    "kl_mean", "kl_topk", "density_mean", "density_topk", "neg_elbo",
 )
 
 

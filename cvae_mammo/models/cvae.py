@@ -81,6 +81,10 @@ class CVAEConfig(TrainingOptions):
     ``bilateral=True`` conditions on the woman's other breast (see the module
     docstring); ``partner_dropout`` is the share of training images whose
     partner is hidden so that single images can be scored too.
+    ``lesion_steps`` above 0 trains, after the CVAE, the bilateral lesion segmenter
+    (:mod:`cvae_mammo.models.lesion_segmenter`, ``lesion_filters``) for that many steps of
+    ``lesion_batch_size`` at ``lesion_learning_rate``; its top-1% lesion probability minus
+    the other breast's becomes the run's score.
     """
 
     image_size: tuple[int, int] = (1456, 728)
@@ -111,13 +115,21 @@ class CVAEConfig(TrainingOptions):
     augment: str | None = "cvae"
     recon_every: int = 5
     recon_images: int = 6
+    # the bilateral lesion segmenter trained after the CVAE (cvae_mammo.training.lesion_segmenter)
+    lesion_steps: int = 800
+    lesion_batch_size: int = 12
+    lesion_filters: tuple[int, ...] = (16, 32, 48, 64)
+    lesion_learning_rate: float = 5e-4
 
-    EXTRA_TRAINING_FIELDS: ClassVar[tuple[str, ...]] = ("recon_every", "recon_images")
+    EXTRA_TRAINING_FIELDS: ClassVar[tuple[str, ...]] = (
+        "recon_every", "recon_images", "lesion_steps", "lesion_batch_size", "lesion_filters",
+        "lesion_learning_rate")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.image_size = tuple(int(v) for v in self.image_size)  # type: ignore[assignment]
         self.filters = tuple(int(v) for v in self.filters)
+        self.lesion_filters = tuple(int(v) for v in self.lesion_filters)
         self.conditioning = tuple(str(v) for v in self.conditioning)
         self.bilateral = bool(self.bilateral)
         if self.latent not in LATENT_KINDS:
@@ -136,6 +148,10 @@ class CVAEConfig(TrainingOptions):
             raise ValueError(f"partner_dropout {self.partner_dropout}: must be in [0, 1)")
         if not self.filters:
             raise ValueError("filters: need at least one encoder stage")
+        if self.lesion_steps < 0 or self.lesion_batch_size < 1 or not self.lesion_filters:
+            raise ValueError(f"lesion_steps {self.lesion_steps} (>= 0), lesion_batch_size "
+                             f"{self.lesion_batch_size} (>= 1) and lesion_filters "
+                             f"{self.lesion_filters} (at least one stage): out of range")
 
     @classmethod
     def small(cls, **changes: Any) -> CVAEConfig:

@@ -10,7 +10,8 @@ the ``cvae`` policy, and writes a run folder (see :mod:`cvae_mammo.training.runs
 absolute error inside the breast), ``feature_density.npz`` (the Gaussian of the
 encoder features of the train negatives, :mod:`cvae_mammo.models.density`) and
 ``validation.json`` (reconstruction quality of the final model on the val
-negatives: SSIM and MAE inside the breast). A bilateral model
+negatives: SSIM and MAE inside the breast), and, with ``lesion_steps`` > 0, the
+bilateral lesion segmenter (:mod:`cvae_mammo.training.lesion_segmenter`). A bilateral model
 (``CVAEConfig.bilateral``) trains each normal breast conditioned on its normal
 other breast (:mod:`cvae_mammo.data.pairing`).
 
@@ -217,6 +218,7 @@ def fit_cvae(
     allow_data_change: bool = False,
     strategy: str | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    lesion_steps: int | None = None,
 ) -> Path:
     """Train a CVAE on ``data_dir``'s train negatives and return the run folder ``out_dir``.
 
@@ -224,7 +226,8 @@ def fit_cvae(
     1456x728, ``small`` for CPU) or a JSON/YAML file; ``epochs``,
     ``batch_size`` (per replica), ``image_size``, ``seed``, ``precision``,
     ``xla``, ``strategy`` (:mod:`cvae_mammo.training.distribute`) and
-    ``conditioning`` (metadata columns) override it. ``resume=True`` continues
+    ``conditioning`` (metadata columns) and ``lesion_steps`` (the lesion segmenter
+    trained after the CVAE, 0 for none) override it. ``resume=True`` continues
     ``out_dir`` from its last per-epoch checkpoint (``epochs`` counts from the
     start of the run), on the same manifest and split file unless
     ``allow_data_change``. Inputs are checked before ``out_dir`` is created.
@@ -236,7 +239,7 @@ def fit_cvae(
         epochs=epochs, batch_size=batch_size,
         image_size=None if image_size is None else parse_image_size(image_size),
         conditioning=None if conditioning is None else tuple(conditioning), seed=seed,
-        precision=precision, xla=xla_mode(xla), strategy=strategy)
+        precision=precision, xla=xla_mode(xla), strategy=strategy, lesion_steps=lesion_steps)
     session = start_session(cfg)
     dataset = MammoDataset.open(data_dir)
     encoder = dataset.encoder(cfg.conditioning) if cfg.conditioning else None
@@ -287,7 +290,13 @@ def fit_cvae(
                    callbacks=[*fit_callbacks, *callbacks])
     if not session.chief:
         return run_dir
-    return _finish(run_dir, model, train_frame, val_frame, dataset.root, cfg, encoder, snapshots)
+    _finish(run_dir, model, train_frame, val_frame, dataset.root, cfg, encoder, snapshots)
+    if cfg.lesion_steps > 0:
+        from cvae_mammo.training.lesion_segmenter import fit_lesion_segmenter, segmenter_done
+
+        if not (resume and segmenter_done(run_dir, cfg)):
+            fit_lesion_segmenter(run_dir, data_dir, cfg)
+    return run_dir
 
 
 def fit_feature_density(model: ConvVAE, inputs: ModelInputs) -> FeatureDensity:

@@ -200,7 +200,7 @@ def test_report_scores_real_runs_without_scores_files(mias_dataset_factory, tmp_
 
     dataset = mias_dataset_factory(size=(64, 32))
     config = CVAEConfig.small(image_size=(64, 32), filters=(8, 16), latent_channels=2, epochs=1,
-                              batch_size=16, augment=None, recon_every=100)
+                              batch_size=16, augment=None, recon_every=100, lesion_steps=0)
     first = fit_cvae(dataset, tmp_path / "youden", config=config, seed=0, xla=False,
                      command=["test"])
     assert main(["calibrate", "--run", str(first), "--data", str(dataset), "--method",

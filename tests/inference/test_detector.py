@@ -37,7 +37,7 @@ def phantom_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, P
     write_splits(make_splits(manifest, val=0.3, test=0.3, seed=1), data / "splits.csv")
     config = CVAEConfig.small(image_size=SIZE, filters=(8, 16), latent_channels=2, epochs=1,
                               batch_size=8, augment=None, recon_every=100, bilateral=True,
-                              likelihood_scale="learned")
+                              likelihood_scale="learned", lesion_steps=0)
     run = fit_cvae(data, root / "run", config=config, seed=0, xla=False, command=["test"])
     calibrate_run(run, data, "val", method="youden")
     return phantoms.dicom_dir, data, run

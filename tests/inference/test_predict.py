@@ -33,7 +33,7 @@ def trained_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     from cvae_mammo.training.cvae import fit_cvae
 
     config = CVAEConfig.small(image_size=SIZE, filters=(8, 16), latent_channels=2, epochs=1,
-                              batch_size=16, augment=None, recon_every=100)
+                              batch_size=16, augment=None, recon_every=100, lesion_steps=0)
     out = tmp_path_factory.mktemp("runs") / "cvae"
     return fit_cvae(dataset, out, config=config, seed=0, xla=False, command=["test"])
 

@@ -38,7 +38,7 @@ class FinalWeights(keras.callbacks.Callback):
 
 config = CVAEConfig.small(image_size=(32, 16), filters=(4, 8), latent_channels=2, batch_size=2,
                           epochs=2, warmup_epochs=0, beta_warmup_steps=4, recon_every=1,
-                          recon_images=2, augment=None, xla="off")
+                          recon_images=2, augment=None, xla="off", lesion_steps=0)
 fit_cvae(data, out, config=config, epochs=int(epochs), resume=resume == "resume", seed=3,
          strategy="multi-worker", command=["test"], callbacks=[FinalWeights()])
 """

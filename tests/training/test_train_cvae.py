@@ -20,7 +20,8 @@ from cvae_mammo.training.runs import load_run_encoder, load_run_model, read_run_
 pytestmark = pytest.mark.shared_data
 
 TINY = CVAEConfig.small(image_size=(64, 32), filters=(8, 16, 16), batch_size=16,
-                        recon_every=1, recon_images=2, early_stopping_patience=5)
+                        recon_every=1, recon_images=2, early_stopping_patience=5,
+                        lesion_steps=0)
 
 
 def test_no_positive_image_ever_reaches_a_training_batch(mias_dataset):

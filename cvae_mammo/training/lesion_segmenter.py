@@ -1,0 +1,194 @@
+"""Train the bilateral lesion segmenter of a CVAE run: :func:`fit_lesion_segmenter`.
+
+``fit-cvae`` calls it after the CVAE when ``CVAEConfig.lesion_steps`` is above 0; it
+can also add a segmenter to a finished CVAE run. Training samples are the train-split
+negatives (the same images the CVAE learns from). Each sample is the image and the
+other breast of the same view (looked up among all train-split images: the other
+breast's label is never read; zeros for ``partner_dropout`` of the samples and when
+there is none), both flipped top-bottom half the time and given one random gamma
+(0.8-1.25). ``lesion_rate`` of the samples get one synthetic lesion
+(:mod:`cvae_mammo.synthetic.lesions`), and the other breast is misaligned
+(:func:`~cvae_mammo.synthetic.lesions.jitter`) so that misalignment counts as normal.
+The target is the lesion's mask; no real lesion or abnormal image is used.
+
+Writes into the run folder ``lesion_segmenter.keras``, ``lesion_validation.json``
+(pixel ROC-AUC of synthetic lesions pasted into the val negatives, loss curve) and
+``scoring.json`` selecting the ``lesion_topk`` score (mean of the top 1% lesion
+probability inside the breast, minus the other breast's), which ``calibrate`` then
+standardises. Logs progress every ``log_every`` steps; stops with
+:class:`~cvae_mammo.errors.TrainingDivergedError` on a NaN/inf loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cvae_mammo.data.dataset import MammoDataset
+from cvae_mammo.data.pairing import with_partners
+from cvae_mammo.data.pipeline import read_image
+from cvae_mammo.errors import InputError, TrainingDivergedError
+from cvae_mammo.fileio import PathLike, atomic_write_json, read_json
+from cvae_mammo.inference.scoring import SCORING_FILE, segmenter_scoring
+from cvae_mammo.models.cvae import CVAEConfig
+from cvae_mammo.models.lesion_segmenter import (
+    SEGMENTER_FILE,
+    build_lesion_segmenter,
+    lesion_probability,
+    segmentation_loss,
+)
+from cvae_mammo.synthetic.lesions import add_synthetic_lesion, jitter
+from cvae_mammo.tf_startup import keras
+from cvae_mammo.training.common import _save_model_atomically
+from cvae_mammo.training.runs import read_run_config
+
+LOGGER = logging.getLogger(__name__)
+VALIDATION_FILE = "lesion_validation.json"
+#: Bytes of decoded images kept in memory between batches.
+_CACHE_BYTES = 2 * 1024**3
+
+
+class PairedImages:
+    """Images of a frame with ``path`` / ``partner_path``, read on demand and cached."""
+
+    def __init__(self, frame: pd.DataFrame, root: Path, image_size: tuple[int, int]) -> None:
+        self.frame = frame.reset_index(drop=True)
+        self.root = root
+        self.image_size = image_size
+        self._cache: dict[str, np.ndarray] = {}
+        self._limit = max(16, _CACHE_BYTES // (4 * image_size[0] * image_size[1]))
+
+    def read(self, relative: str) -> np.ndarray:
+        """One image ``[H, W]`` in [0, 1]; zeros for a blank path."""
+        if not relative:
+            return np.zeros(self.image_size, np.float32)
+        if relative not in self._cache:
+            if len(self._cache) >= self._limit:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[relative] = read_image(os.fspath(self.root / relative),
+                                               self.image_size)[..., 0]
+        return self._cache[relative]
+
+    def pair(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image, other breast) of row ``index``."""
+        row = self.frame.iloc[index]
+        return self.read(str(row["path"])), self.read(str(row.get("partner_path", "") or ""))
+
+
+def training_batch(pairs: PairedImages, batch_size: int, config: CVAEConfig,
+                   rng: np.random.Generator, lesion_rate: float = 0.7
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs ``[B, H, W, 2]`` (image, other breast) and lesion masks ``[B, H, W, 1]``."""
+    inputs = np.zeros((batch_size, *config.image_size, 2), np.float32)
+    targets = np.zeros((batch_size, *config.image_size, 1), np.float32)
+    for i in range(batch_size):
+        image, other = pairs.pair(int(rng.integers(len(pairs.frame))))
+        if rng.random() < config.partner_dropout:
+            other = np.zeros_like(other)
+        if rng.random() < 0.5:
+            image, other = image[::-1], other[::-1]
+        gamma = rng.uniform(0.8, 1.25)
+        image, other = image ** gamma, other ** gamma
+        if rng.random() < lesion_rate:
+            image, targets[i, ..., 0] = add_synthetic_lesion(image, rng, config.mask_threshold)
+        inputs[i, ..., 0], inputs[i, ..., 1] = image, jitter(other, rng)
+    return inputs, targets
+
+
+def segmenter_frames(dataset: MammoDataset) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train- and val-split negatives, each with its other breast from the same split."""
+    frames = []
+    for split in ("train", "val"):
+        negatives = dataset.subset(split=split, label=0)
+        frames.append(with_partners(negatives, within=dataset.subset(split=split))
+                      if not negatives.empty else negatives)
+    if frames[0].empty:
+        raise InputError(f"{dataset.splits_path}: the train split has no negative images to "
+                         "train the lesion segmenter on")
+    return frames[0], frames[1]
+
+
+def synthetic_lesion_auc(model: keras.Model, pairs: PairedImages, config: CVAEConfig,
+                         seed: int, samples: int = 24) -> float:
+    """Pixel ROC-AUC of the segmenter on synthetic lesions pasted into ``pairs``' images."""
+    from sklearn.metrics import roc_auc_score
+
+    inputs, targets = training_batch(pairs, samples, config, np.random.default_rng(seed + 1))
+    probability = lesion_probability(model, inputs[..., 0], inputs[..., 1])
+    if targets.min() == targets.max():
+        return float("nan")
+    return float(roc_auc_score(targets.ravel() > 0.5, probability.ravel()))
+
+
+def segmenter_settings(config: CVAEConfig) -> dict[str, object]:
+    """The options a trained segmenter is recorded with (in ``lesion_validation.json``)."""
+    return {"steps": config.lesion_steps, "batch_size": config.lesion_batch_size,
+            "filters": list(config.lesion_filters), "learning_rate": config.lesion_learning_rate,
+            "seed": config.seed}
+
+
+def segmenter_done(run_dir: PathLike, config: CVAEConfig) -> bool:
+    """Whether ``run_dir`` already holds a segmenter trained with ``config``'s settings."""
+    run_dir = Path(run_dir)
+    report = run_dir / VALIDATION_FILE
+    if not (run_dir / SEGMENTER_FILE).is_file() or not report.is_file():
+        return False
+    recorded = read_json(report)
+    return all(recorded.get(key) == value for key, value in segmenter_settings(config).items())
+
+
+def fit_lesion_segmenter(run_dir: PathLike, data_dir: PathLike,
+                         config: CVAEConfig | None = None, log_every: int = 50) -> Path:
+    """Train the run's lesion segmenter for ``config.lesion_steps`` steps; returns its file.
+
+    ``config`` defaults to the run's own (``config.json``); its ``image_size``,
+    ``seed``, ``mask_threshold``, ``partner_dropout`` and ``lesion_*`` options are used.
+    """
+    run_dir = Path(run_dir)
+    if config is None:
+        config = CVAEConfig.from_run(read_run_config(run_dir))
+    if config.lesion_steps < 1:
+        raise InputError(f"{run_dir}: lesion_steps is {config.lesion_steps}; nothing to train")
+    dataset = MammoDataset.open(data_dir)
+    train, val = segmenter_frames(dataset)
+    keras.utils.set_random_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    pairs = PairedImages(train, dataset.root, config.image_size)
+    model = build_lesion_segmenter(config.image_size, config.lesion_filters)
+    model.compile(keras.optimizers.AdamW(config.lesion_learning_rate, weight_decay=1e-4,
+                                         clipnorm=1.0), loss=segmentation_loss)
+    LOGGER.info("lesion segmenter: %d train negatives (%d with the other breast), %d steps of %d",
+                len(train), int(train["has_partner"].sum()), config.lesion_steps,
+                config.lesion_batch_size)
+    started, losses = time.perf_counter(), []
+    for step in range(1, config.lesion_steps + 1):
+        loss = float(model.train_on_batch(*training_batch(pairs, config.lesion_batch_size,
+                                                          config, rng)))
+        if not np.isfinite(loss):
+            raise TrainingDivergedError(f"{run_dir}: lesion segmenter loss is {loss} at step "
+                                        f"{step}; nothing was saved")
+        losses.append(loss)
+        if step % log_every == 0 or step == config.lesion_steps:
+            elapsed = time.perf_counter() - started
+            LOGGER.info("lesion segmenter step %d/%d: loss %.4f (mean of last %d), %.0f s, "
+                        "about %.0f s left", step, config.lesion_steps,
+                        float(np.mean(losses[-log_every:])), min(log_every, len(losses)),
+                        elapsed, elapsed / step * (config.lesion_steps - step))
+    _save_model_atomically(model, run_dir / SEGMENTER_FILE)
+    report = {**segmenter_settings(config), "seconds": round(time.perf_counter() - started, 1),
+              "train_negatives": len(train), "loss_every_50": [
+                  round(float(np.mean(losses[i:i + 50])), 5) for i in range(0, len(losses), 50)]}
+    if not val.empty:
+        report["val_negatives"] = len(val)
+        report["synthetic_lesion_pixel_roc_auc"] = synthetic_lesion_auc(
+            model, PairedImages(val, dataset.root, config.image_size), config, config.seed)
+        LOGGER.info("lesion segmenter: synthetic lesions in the val negatives, pixel ROC-AUC %.3f",
+                    report["synthetic_lesion_pixel_roc_auc"])
+    atomic_write_json(run_dir / VALIDATION_FILE, report)
+    segmenter_scoring().save(run_dir / SCORING_FILE)
+    return run_dir / SEGMENTER_FILE

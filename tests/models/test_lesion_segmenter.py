@@ -1,0 +1,48 @@
+"""The bilateral lesion segmenter model: shapes at any size, its loss, saving and loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def test_any_image_size_gives_a_map_of_that_size() -> None:
+    from cvae_mammo.models.lesion_segmenter import build_lesion_segmenter, lesion_probability
+
+    model = build_lesion_segmenter((50, 30), filters=(4, 8))
+    images = np.random.default_rng(0).uniform(0, 1, (3, 50, 30, 1)).astype(np.float32)
+    assert model.predict(np.concatenate([images, images], -1), verbose=0).shape == (3, 50, 30, 1)
+    alone = lesion_probability(model, images, None)
+    paired = lesion_probability(model, images, images)
+    assert alone.shape == (3, 50, 30) and (alone > 0).all() and (alone < 1).all()
+    assert not np.allclose(alone, paired)  # the other breast is an input
+
+
+def test_loss_is_lower_for_the_right_mask() -> None:
+    from cvae_mammo.models.lesion_segmenter import segmentation_loss
+
+    targets = np.zeros((2, 16, 8, 1), np.float32)
+    targets[0, 4:8, 2:5] = 1.0
+    right = np.where(targets > 0, 8.0, -8.0).astype(np.float32)
+    wrong = -right
+    flat = np.full_like(targets, -4.0)
+    losses = [float(segmentation_loss(targets, logits)) for logits in (right, flat, wrong)]
+    assert all(np.isfinite(losses))
+    assert losses[0] < losses[1] < losses[2]
+
+
+def test_saved_segmenter_loads_without_custom_objects(tmp_path: Path) -> None:
+    from cvae_mammo.models.lesion_segmenter import (
+        SEGMENTER_FILE,
+        build_lesion_segmenter,
+        lesion_probability,
+        load_lesion_segmenter,
+    )
+
+    assert load_lesion_segmenter(tmp_path) is None
+    model = build_lesion_segmenter((32, 16), filters=(4,))
+    model.save(tmp_path / SEGMENTER_FILE)
+    images = np.random.default_rng(1).uniform(0, 1, (2, 32, 16)).astype(np.float32)
+    np.testing.assert_allclose(lesion_probability(load_lesion_segmenter(tmp_path), images, images),
+                               lesion_probability(model, images, images), rtol=1e-5)

@@ -1,0 +1,105 @@
+"""The bilateral lesion segmenter trained in a real CVAE run on mini-MIAS: files, score, pairs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+SIZE = (64, 32)
+
+pytestmark = pytest.mark.shared_data
+
+
+def _config(**changes):
+    from cvae_mammo.models.cvae import CVAEConfig
+
+    values = {"image_size": SIZE, "filters": (8, 16), "latent_channels": 2, "epochs": 1,
+              "batch_size": 16, "augment": None, "recon_every": 100, "bilateral": True,
+              "lesion_steps": 150, "lesion_batch_size": 8, "lesion_filters": (8, 16),
+              "lesion_learning_rate": 2e-3}
+    values.update(changes)
+    return CVAEConfig.small(**values)
+
+
+@pytest.fixture(scope="module")
+def dataset(mias_dataset_factory) -> Path:
+    return mias_dataset_factory(size=SIZE)
+
+
+@pytest.fixture(scope="module")
+def segmenter_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fit_cvae with lesion_steps > 0, then calibrate on val (the README recipe, tiny)."""
+    from cvae_mammo.evaluation.run_calibration import calibrate_run
+    from cvae_mammo.training.cvae import fit_cvae
+
+    run = fit_cvae(dataset, tmp_path_factory.mktemp("runs") / "cvae", config=_config(), seed=0,
+                   xla=False, command=["test"])
+    calibrate_run(run, dataset, "val", method="youden")
+    return run
+
+
+def test_fit_cvae_trains_the_segmenter_and_its_score_becomes_the_runs(segmenter_run: Path
+                                                                      ) -> None:
+    from cvae_mammo.fileio import read_json
+    from cvae_mammo.models.lesion_segmenter import SEGMENTER_FILE
+
+    assert (segmenter_run / SEGMENTER_FILE).is_file() and (segmenter_run / "model.keras").is_file()
+    scoring = read_json(segmenter_run / "scoring.json")
+    assert scoring["weights"] == {"lesion_topk": 1.0} and scoring["contralateral_weight"] == 1.0
+    assert "lesion_topk" in scoring["reference"]  # standardised on the val normals by calibrate
+    report = read_json(segmenter_run / "lesion_validation.json")
+    assert report["steps"] == 150 and len(report["loss_every_50"]) == 3
+    assert report["loss_every_50"][-1] < report["loss_every_50"][0]
+    # after 150 steps on 64x32 images, pasted lesions in unseen (val) breasts stand out (0.68)
+    assert report["synthetic_lesion_pixel_roc_auc"] > 0.6
+
+
+def test_scores_are_the_lesion_map_minus_the_other_breast(segmenter_run: Path,
+                                                          dataset: Path) -> None:
+    from cvae_mammo.inference.predict import predict_split
+
+    scores = predict_split(segmenter_run, dataset, "test", write=False)
+    assert scores["lesion_topk"].nunique() == len(scores)
+    assert scores["has_partner"].all()
+    by_id = scores.set_index("image_id")
+    pair_sums = [by_id.at[i, "score"] + by_id.at[p, "score"]
+                 for i, p in zip(scores["image_id"], scores["partner_id"])]
+    np.testing.assert_allclose(pair_sums, 0.0, atol=1e-9)  # own - other, both ways
+    assert scores["score"].std() > 0
+
+
+def test_an_image_without_its_other_breast_is_scored_alone_and_flagged(segmenter_run: Path,
+                                                                       dataset: Path) -> None:
+    from cvae_mammo.data.pipeline import read_image
+    from cvae_mammo.inference.detector import Detector
+
+    splits = pd.read_csv(dataset / "splits.csv", dtype={"image_id": str, "patient_id": str})
+    manifest = pd.read_csv(dataset / "manifest.csv", dtype={"image_id": str, "patient_id": str})
+    test = manifest[manifest["image_id"].isin(splits.loc[splits.split == "test", "image_id"])]
+    pair = test[test["patient_id"] == test["patient_id"].iloc[0]]
+    images = np.stack([read_image(str(dataset / p), SIZE) for p in pair["path"]])
+    detector = Detector.load(segmenter_run)
+    both = detector.predict(list(images), metadata=pair[["patient_id", "laterality", "view"]]
+                            .assign(image_id=[f"image_{i}" for i in range(len(pair))]))
+    alone = detector.predict([images[0]])
+    assert [r.has_partner for r in both.images] == [True, True]
+    assert not alone.images[0].has_partner and np.isfinite(alone.images[0].score)
+    assert alone.images[0].score != both.images[0].score
+
+
+def test_a_diverging_segmenter_stops_and_saves_nothing(segmenter_run: Path, dataset: Path,
+                                                       tmp_path: Path) -> None:
+    from cvae_mammo.errors import TrainingDivergedError
+    from cvae_mammo.models.lesion_segmenter import SEGMENTER_FILE
+    from cvae_mammo.training.lesion_segmenter import fit_lesion_segmenter
+
+    run = tmp_path / "run"
+    shutil.copytree(segmenter_run, run)
+    (run / SEGMENTER_FILE).unlink()
+    with pytest.raises(TrainingDivergedError, match="lesion segmenter loss is"):
+        fit_lesion_segmenter(run, dataset, _config(lesion_learning_rate=1e30, lesion_steps=40))
+    assert not (run / SEGMENTER_FILE).exists()
