@@ -6,6 +6,9 @@ recipe runs on that split file exactly as a user would run it:
 
     fit_cvae(config)  ->  calibrate_run(split="val", select_score=True)  ->  predict_split("test")
 
+(``fit_cvae`` ends by training the lesion segmenter when the config's ``lesion_steps`` is
+above 0; a fold whose CVAE is already trained gets only the segmenter added, the same step.)
+
 so every choice (the score, its standardisation, epochs by early stopping, the
 threshold) is made on the inner validation women only. The README recipe's default
 score (``calibrate`` without ``--select-score``: the lesion segmenter's top-1% probability
