@@ -123,7 +123,9 @@ def _finite_float(value: Any) -> float:
     return float(np.asarray(value, dtype=np.float64))
 
 
-def _save_model_atomically(model: keras.Model, path: Path) -> None:
+def save_model_atomically(model: keras.Model, path: Path) -> None:
+    """Save ``model`` to ``path`` (``.keras``) through a temporary file, so a reader never
+    sees a half-written model."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.stem}.tmp.keras")
     model.save(temporary)
@@ -198,11 +200,11 @@ class EpochCheckpoint(keras.callbacks.Callback):
         if not all(math.isfinite(v) for v in values.values()):
             LOGGER.warning("epoch %d has non-finite metrics; checkpoint not saved", epoch + 1)
             return
-        _save_model_atomically(self.model, self.folder / LAST_CHECKPOINT)
+        save_model_atomically(self.model, self.folder / LAST_CHECKPOINT)
         current = values.get(self.monitor, values.get("loss"))
         if current is not None and (self.best is None or current < self.best):
             self.best = current
-            _save_model_atomically(self.model, self.folder / BEST_CHECKPOINT)
+            save_model_atomically(self.model, self.folder / BEST_CHECKPOINT)
         state = {"epoch": epoch + 1, "best_value": self.best, "monitor": self.monitor}
         if self.early_stopping is not None:
             best = self.early_stopping.best

@@ -44,7 +44,7 @@ from cvae_mammo.models.lesion_segmenter import (
 )
 from cvae_mammo.synthetic.lesions import add_synthetic_lesion, jitter
 from cvae_mammo.tf_startup import keras
-from cvae_mammo.training.common import _save_model_atomically
+from cvae_mammo.training.common import save_model_atomically
 from cvae_mammo.training.runs import read_run_config
 
 LOGGER = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def fit_lesion_segmenter(run_dir: PathLike, data_dir: PathLike,
                         "about %.0f s left", step, config.lesion_steps,
                         float(np.mean(losses[-log_every:])), min(log_every, len(losses)),
                         elapsed, elapsed / step * (config.lesion_steps - step))
-    _save_model_atomically(model, run_dir / SEGMENTER_FILE)
+    save_model_atomically(model, run_dir / SEGMENTER_FILE)
     report = {**segmenter_settings(config), "seconds": round(time.perf_counter() - started, 1),
               "train_negatives": len(train), "loss_every_50": [
                   round(float(np.mean(losses[i:i + 50])), 5) for i in range(0, len(losses), 50)]}
