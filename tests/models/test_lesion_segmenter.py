@@ -19,6 +19,19 @@ def test_any_image_size_gives_a_map_of_that_size() -> None:
     assert not np.allclose(alone, paired)  # the other breast is an input
 
 
+def test_a_pair_flipped_top_bottom_gets_the_flipped_map() -> None:
+    from cvae_mammo.models.lesion_segmenter import build_lesion_segmenter, lesion_probability
+
+    model = build_lesion_segmenter((32, 16), filters=(4, 8))
+    rng = np.random.default_rng(2)
+    images, partners = rng.uniform(0, 1, (2, 3, 32, 16)).astype(np.float32)
+    direct = lesion_probability(model, images, partners)
+    flipped = lesion_probability(model, images[:, ::-1], partners[:, ::-1])
+    np.testing.assert_allclose(flipped[:, ::-1], direct, rtol=1e-5, atol=1e-7)
+    one_pass = 1 / (1 + np.exp(-model.predict(np.stack([images, partners], -1), verbose=0)[..., 0]))
+    assert not np.allclose(one_pass, direct, atol=1e-4)  # the map averages both passes
+
+
 def test_loss_is_lower_for_the_right_mask() -> None:
     from cvae_mammo.models.lesion_segmenter import segmentation_loss
 
