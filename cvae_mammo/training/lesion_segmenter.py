@@ -15,7 +15,7 @@ Writes into the run folder ``lesion_segmenter.keras``, ``lesion_validation.json`
 (pixel ROC-AUC of synthetic lesions pasted into the val negatives, loss curve) and
 ``scoring.json`` selecting the ``lesion_topk`` score (mean of the top 1% lesion
 probability inside the breast, minus the other breast's), which ``calibrate`` then
-standardises. Logs progress every ``log_every`` steps; stops with
+standardises; a ``threshold.json`` set for the run's previous score is removed. Logs progress every ``log_every`` steps; stops with
 :class:`~cvae_mammo.errors.TrainingDivergedError` on a NaN/inf loss.
 """
 
@@ -34,6 +34,7 @@ from cvae_mammo.data.pairing import with_partners
 from cvae_mammo.data.pipeline import read_image
 from cvae_mammo.errors import InputError, TrainingDivergedError
 from cvae_mammo.fileio import PathLike, atomic_write_json, read_json
+from cvae_mammo.inference.predict import THRESHOLD_FILE
 from cvae_mammo.inference.scoring import SCORING_FILE, segmenter_scoring
 from cvae_mammo.models.cvae import CVAEConfig
 from cvae_mammo.models.lesion_segmenter import (
@@ -191,4 +192,9 @@ def fit_lesion_segmenter(run_dir: PathLike, data_dir: PathLike,
                     report["synthetic_lesion_pixel_roc_auc"])
     atomic_write_json(run_dir / VALIDATION_FILE, report)
     segmenter_scoring().save(run_dir / SCORING_FILE)
+    stale = run_dir / THRESHOLD_FILE
+    if stale.is_file():  # calibrated on the score this run had before
+        stale.unlink()
+        LOGGER.warning("%s: removed %s, set for the previous score; run calibrate again",
+                       run_dir, THRESHOLD_FILE)
     return run_dir / SEGMENTER_FILE

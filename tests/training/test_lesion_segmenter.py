@@ -103,3 +103,17 @@ def test_a_diverging_segmenter_stops_and_saves_nothing(segmenter_run: Path, data
     with pytest.raises(TrainingDivergedError, match="lesion segmenter loss is"):
         fit_lesion_segmenter(run, dataset, _config(lesion_learning_rate=1e30, lesion_steps=40))
     assert not (run / SEGMENTER_FILE).exists()
+
+
+def test_a_segmenter_added_to_a_calibrated_run_resets_its_score_and_threshold(
+        segmenter_run: Path, dataset: Path, tmp_path: Path) -> None:
+    from cvae_mammo.fileio import read_json
+    from cvae_mammo.training.lesion_segmenter import fit_lesion_segmenter
+
+    run = tmp_path / "run"
+    shutil.copytree(segmenter_run, run)
+    assert (run / "threshold.json").is_file() and read_json(run / "scoring.json")["reference"]
+    fit_lesion_segmenter(run, dataset, _config(lesion_steps=3))
+    assert not (run / "threshold.json").exists()  # it was set for the previous score
+    assert read_json(run / "scoring.json")["reference"] == {}
+    assert read_json(run / "lesion_validation.json")["steps"] == 3
