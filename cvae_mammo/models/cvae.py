@@ -83,7 +83,9 @@ class CVAEConfig(TrainingOptions):
     partner is hidden so that single images can be scored too.
     ``lesion_steps`` above 0 trains, after the CVAE, the bilateral lesion segmenter
     (:mod:`cvae_mammo.models.lesion_segmenter`, ``lesion_filters``) for that many steps of
-    ``lesion_batch_size`` at ``lesion_learning_rate``; its top-1% lesion probability minus
+    ``lesion_batch_size`` at ``lesion_learning_rate``, and keeps ``lesion_snapshots`` snapshots
+    of it from the second half of training, whose lesion probabilities are averaged (1600
+    steps, snapshots at 800, 1200 and 1600 by default); the top-1% lesion probability minus
     the other breast's becomes the run's score.
     """
 
@@ -116,14 +118,15 @@ class CVAEConfig(TrainingOptions):
     recon_every: int = 5
     recon_images: int = 6
     # the bilateral lesion segmenter trained after the CVAE (cvae_mammo.training.lesion_segmenter)
-    lesion_steps: int = 800
+    lesion_steps: int = 1600
     lesion_batch_size: int = 12
     lesion_filters: tuple[int, ...] = (16, 32, 48, 64)
     lesion_learning_rate: float = 5e-4
+    lesion_snapshots: int = 3
 
     EXTRA_TRAINING_FIELDS: ClassVar[tuple[str, ...]] = (
         "recon_every", "recon_images", "lesion_steps", "lesion_batch_size", "lesion_filters",
-        "lesion_learning_rate")
+        "lesion_learning_rate", "lesion_snapshots")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -148,10 +151,12 @@ class CVAEConfig(TrainingOptions):
             raise ValueError(f"partner_dropout {self.partner_dropout}: must be in [0, 1)")
         if not self.filters:
             raise ValueError("filters: need at least one encoder stage")
-        if self.lesion_steps < 0 or self.lesion_batch_size < 1 or not self.lesion_filters:
+        if (self.lesion_steps < 0 or self.lesion_batch_size < 1 or not self.lesion_filters
+                or self.lesion_snapshots < 1):
             raise ValueError(f"lesion_steps {self.lesion_steps} (>= 0), lesion_batch_size "
-                             f"{self.lesion_batch_size} (>= 1) and lesion_filters "
-                             f"{self.lesion_filters} (at least one stage): out of range")
+                             f"{self.lesion_batch_size} (>= 1), lesion_filters "
+                             f"{self.lesion_filters} (at least one stage) and lesion_snapshots "
+                             f"{self.lesion_snapshots} (>= 1): out of range")
 
     @classmethod
     def small(cls, **changes: Any) -> CVAEConfig:

@@ -1,7 +1,9 @@
 """The bilateral lesion segmenter: a small U-Net that marks what the other breast does not show.
 
 Input: ``[B, H, W, 2]``, the image and the woman's other breast of the same view (zeros
-when there is none); output: per-pixel lesion logits ``[B, H, W, 1]``. It is trained
+when there is none); output: per-pixel lesion logits ``[B, H, W, 1]``, or one channel per
+member for an ensemble (:func:`ensemble_of`, e.g. snapshots of one training run), whose
+lesion probability is the mean of the members'. It is trained
 (:mod:`cvae_mammo.training.lesion_segmenter`) on normal images only, with synthetic
 lesions (:mod:`cvae_mammo.synthetic.lesions`) pasted into them and their masks as the
 target, so no real lesion or abnormal label is needed. Its probability map is the
@@ -32,7 +34,8 @@ def _conv(x: keras.KerasTensor, filters: int) -> keras.KerasTensor:
 
 
 def build_lesion_segmenter(image_size: tuple[int, int],
-                           filters: Sequence[int] = (16, 32, 48, 64)) -> keras.Model:
+                           filters: Sequence[int] = (16, 32, 48, 64),
+                           name: str = "lesion_segmenter") -> keras.Model:
     """A U-Net with one pooling stage per entry of ``filters`` (two convolutions each, batch
     norm, swish), a bottleneck of 1.5x the last width, and 1x1 lesion logits.
 
@@ -57,7 +60,19 @@ def build_lesion_segmenter(image_size: tuple[int, int],
     logits = keras.layers.Conv2D(1, 1, bias_initializer=keras.initializers.Constant(_PRIOR_LOGIT),
                                  name="lesion_logits")(x)
     logits = keras.layers.Cropping2D(((0, pad_h), (0, pad_w)))(logits)
-    return keras.Model(inputs, logits, name="lesion_segmenter")
+    return keras.Model(inputs, logits, name=name)
+
+
+def ensemble_of(members: Sequence[keras.Model]) -> keras.Model:
+    """One model whose output stacks the members' lesion logits ``[B, H, W, len(members)]``
+    (members with distinct names and one input shape); :func:`lesion_probability` averages
+    their probabilities. It saves and loads as plain Keras, like a single segmenter."""
+    if not members:
+        raise ValueError("lesion segmenter ensemble: need at least one member")
+    inputs = keras.Input(members[0].inputs[0].shape[1:], name="image_and_other_breast")
+    outputs = [member(inputs) for member in members]
+    stacked = outputs[0] if len(outputs) == 1 else keras.layers.Concatenate()(outputs)
+    return keras.Model(inputs, stacked, name="lesion_segmenter_ensemble")
 
 
 def segmentation_loss(targets: keras.KerasTensor, logits: keras.KerasTensor) -> keras.KerasTensor:
@@ -86,10 +101,10 @@ def lesion_probability(model: keras.Model, images: np.ndarray, partners: np.ndar
     partners = (np.zeros_like(images) if partners is None
                 else np.asarray(partners, np.float32).reshape(images.shape))
     pairs = np.stack([images, partners], -1)
-    passes = [model.predict(pairs, batch_size=batch_size, verbose=0)[..., 0],
-              model.predict(pairs[:, ::-1], batch_size=batch_size, verbose=0)[:, ::-1, :, 0]]
-    return np.mean([1.0 / (1.0 + np.exp(-p.astype(np.float64))) for p in passes], axis=0
-                   ).astype(np.float32)
+    passes = [model.predict(pairs, batch_size=batch_size, verbose=0),
+              model.predict(pairs[:, ::-1], batch_size=batch_size, verbose=0)[:, ::-1]]
+    probabilities = [1.0 / (1.0 + np.exp(-p.astype(np.float64))) for p in passes]
+    return np.mean(probabilities, axis=(0, -1)).astype(np.float32)
 
 
 def load_lesion_segmenter(run_dir: Path) -> keras.Model | None:

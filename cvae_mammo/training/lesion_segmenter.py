@@ -9,7 +9,12 @@ there is none), both flipped top-bottom half the time and given one random gamma
 (0.8-1.25). ``lesion_rate`` of the samples get one synthetic lesion
 (:mod:`cvae_mammo.synthetic.lesions`), and the other breast is misaligned
 (:func:`~cvae_mammo.synthetic.lesions.jitter`) so that misalignment counts as normal.
-The target is the lesion's mask; no real lesion or abnormal image is used.
+The target is the lesion's mask; no real lesion or abnormal image is used. The saved
+model is an ensemble (:func:`~cvae_mammo.models.lesion_segmenter.ensemble_of`) of
+``lesion_snapshots`` snapshots taken over the second half of training
+(:func:`snapshot_steps`): on mini-MIAS validation women, single snapshots of one run ranked
+images very differently (ROC-AUC 0.75, 0.78, 0.74 at steps 800, 1200, 1600), their average
+better than any (0.79).
 
 Writes into the run folder ``lesion_segmenter.keras``, ``lesion_validation.json``
 (pixel ROC-AUC of synthetic lesions pasted into the val negatives, loss curve) and
@@ -40,6 +45,7 @@ from cvae_mammo.models.cvae import CVAEConfig
 from cvae_mammo.models.lesion_segmenter import (
     SEGMENTER_FILE,
     build_lesion_segmenter,
+    ensemble_of,
     lesion_probability,
     segmentation_loss,
 )
@@ -126,11 +132,33 @@ def synthetic_lesion_auc(model: keras.Model, pairs: PairedImages, config: CVAECo
     return float(roc_auc_score(targets.ravel() > 0.5, probability.ravel()))
 
 
+def snapshot_steps(steps: int, snapshots: int) -> list[int]:
+    """The training steps whose weights the saved ensemble keeps: ``snapshots`` evenly
+    spaced over the second half of ``steps``, the last at ``steps`` (fewer when ``steps``
+    is too short to tell them apart)."""
+    if snapshots < 2:
+        return [steps]
+    return sorted({max(1, round(steps / 2 + i * steps / (2 * (snapshots - 1))))
+                   for i in range(snapshots)})
+
+
 def segmenter_settings(config: CVAEConfig) -> dict[str, object]:
     """The options a trained segmenter is recorded with (in ``lesion_validation.json``)."""
     return {"steps": config.lesion_steps, "batch_size": config.lesion_batch_size,
             "filters": list(config.lesion_filters), "learning_rate": config.lesion_learning_rate,
+            "snapshots": snapshot_steps(config.lesion_steps, config.lesion_snapshots),
             "seed": config.seed}
+
+
+def _ensemble_of_snapshots(weights: dict[int, list[np.ndarray]],
+                           config: CVAEConfig) -> keras.Model:
+    members = []
+    for step, snapshot in weights.items():
+        member = build_lesion_segmenter(config.image_size, config.lesion_filters,
+                                        name=f"lesion_segmenter_step_{step}")
+        member.set_weights(snapshot)
+        members.append(member)
+    return ensemble_of(members)
 
 
 def segmenter_done(run_dir: PathLike, config: CVAEConfig) -> bool:
@@ -166,7 +194,8 @@ def fit_lesion_segmenter(run_dir: PathLike, data_dir: PathLike,
     LOGGER.info("lesion segmenter: %d train negatives (%d with the other breast), %d steps of %d",
                 len(train), int(train["has_partner"].sum()), config.lesion_steps,
                 config.lesion_batch_size)
-    started, losses = time.perf_counter(), []
+    keep = set(snapshot_steps(config.lesion_steps, config.lesion_snapshots))
+    started, losses, snapshots = time.perf_counter(), [], {}
     for step in range(1, config.lesion_steps + 1):
         loss = float(model.train_on_batch(*training_batch(pairs, config.lesion_batch_size,
                                                           config, rng)))
@@ -174,12 +203,15 @@ def fit_lesion_segmenter(run_dir: PathLike, data_dir: PathLike,
             raise TrainingDivergedError(f"{run_dir}: lesion segmenter loss is {loss} at step "
                                         f"{step}; nothing was saved")
         losses.append(loss)
+        if step in keep:
+            snapshots[step] = model.get_weights()
         if step % log_every == 0 or step == config.lesion_steps:
             elapsed = time.perf_counter() - started
             LOGGER.info("lesion segmenter step %d/%d: loss %.4f (mean of last %d), %.0f s, "
                         "about %.0f s left", step, config.lesion_steps,
                         float(np.mean(losses[-log_every:])), min(log_every, len(losses)),
                         elapsed, elapsed / step * (config.lesion_steps - step))
+    model = _ensemble_of_snapshots(snapshots, config)
     save_model_atomically(model, run_dir / SEGMENTER_FILE)
     report = {**segmenter_settings(config), "seconds": round(time.perf_counter() - started, 1),
               "train_negatives": len(train), "loss_every_50": [

@@ -59,3 +59,28 @@ def test_saved_segmenter_loads_without_custom_objects(tmp_path: Path) -> None:
     images = np.random.default_rng(1).uniform(0, 1, (2, 32, 16)).astype(np.float32)
     np.testing.assert_allclose(lesion_probability(load_lesion_segmenter(tmp_path), images, images),
                                lesion_probability(model, images, images), rtol=1e-5)
+
+
+def test_an_ensemble_averages_its_members_probabilities_and_saves_as_one_model(
+        tmp_path: Path) -> None:
+    from cvae_mammo.models.lesion_segmenter import (
+        SEGMENTER_FILE,
+        build_lesion_segmenter,
+        ensemble_of,
+        lesion_probability,
+        load_lesion_segmenter,
+    )
+
+    members = [build_lesion_segmenter((32, 16), filters=(4,), name=f"member_{i}") for i in range(3)]
+    ensemble = ensemble_of(members)
+    rng = np.random.default_rng(3)
+    images, partners = rng.uniform(0, 1, (2, 2, 32, 16)).astype(np.float32)
+    each = [lesion_probability(member, images, partners) for member in members]
+    assert not np.allclose(each[0], each[1], atol=1e-4)  # differently initialised members
+    np.testing.assert_allclose(lesion_probability(ensemble, images, partners),
+                               np.mean(each, axis=0), rtol=1e-5, atol=1e-7)
+    ensemble.save(tmp_path / SEGMENTER_FILE)
+    loaded = load_lesion_segmenter(tmp_path)
+    assert loaded.output.shape[-1] == 3
+    np.testing.assert_allclose(lesion_probability(loaded, images, partners),
+                               np.mean(each, axis=0), rtol=1e-5, atol=1e-7)

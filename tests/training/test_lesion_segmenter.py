@@ -45,7 +45,7 @@ def segmenter_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def test_fit_cvae_trains_the_segmenter_and_its_score_becomes_the_runs(segmenter_run: Path
                                                                       ) -> None:
     from cvae_mammo.fileio import read_json
-    from cvae_mammo.models.lesion_segmenter import SEGMENTER_FILE
+    from cvae_mammo.models.lesion_segmenter import SEGMENTER_FILE, load_lesion_segmenter
 
     assert (segmenter_run / SEGMENTER_FILE).is_file() and (segmenter_run / "model.keras").is_file()
     scoring = read_json(segmenter_run / "scoring.json")
@@ -53,9 +53,20 @@ def test_fit_cvae_trains_the_segmenter_and_its_score_becomes_the_runs(segmenter_
     assert "lesion_topk" in scoring["reference"]  # standardised on the val normals by calibrate
     report = read_json(segmenter_run / "lesion_validation.json")
     assert report["steps"] == 150 and len(report["loss_every_50"]) == 3
+    assert report["snapshots"] == [75, 112, 150]  # the saved model averages these three
+    assert load_lesion_segmenter(segmenter_run).output.shape[-1] == 3
     assert report["loss_every_50"][-1] < report["loss_every_50"][0]
     # after 150 steps on 64x32 images, pasted lesions in unseen (val) breasts stand out (0.68)
     assert report["synthetic_lesion_pixel_roc_auc"] > 0.6
+
+
+def test_snapshots_are_spread_over_the_second_half_of_training() -> None:
+    from cvae_mammo.training.lesion_segmenter import snapshot_steps
+
+    assert snapshot_steps(1600, 3) == [800, 1200, 1600]
+    assert snapshot_steps(1000, 5) == [500, 625, 750, 875, 1000]
+    assert snapshot_steps(800, 1) == [800]
+    assert snapshot_steps(3, 3) == [2, 3] and snapshot_steps(1, 3) == [1]  # too short to tell apart
 
 
 def test_scores_are_the_lesion_map_minus_the_other_breast(segmenter_run: Path,
