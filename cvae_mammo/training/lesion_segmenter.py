@@ -20,7 +20,8 @@ Writes into the run folder ``lesion_segmenter.keras``, ``lesion_validation.json`
 (pixel ROC-AUC of synthetic lesions pasted into the val negatives, loss curve) and
 ``scoring.json`` selecting the ``lesion_topk`` score (mean of the top 1% lesion
 probability inside the breast, minus the other breast's), which ``calibrate`` then
-standardises; a ``threshold.json`` set for the run's previous score is removed. Logs progress every ``log_every`` steps; stops with
+standardises; a ``threshold.json`` set for the run's previous score is removed. Logs
+progress every ``log_every`` steps; stops with
 :class:`~cvae_mammo.errors.TrainingDivergedError` on a NaN/inf loss.
 """
 
