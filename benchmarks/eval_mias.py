@@ -1,44 +1,39 @@
-"""Out-of-fold detection figures on mini-MIAS: the README recipe under patient-grouped K-fold.
+"""Nested out-of-fold detection figures on mini-MIAS: the README recipe under patient-grouped
+K-fold, every choice made on inner validation women, the out-of-fold table computed once.
 
-Every woman is held out once. For each outer fold the other women are split into
-inner train / validation women (seeded, patient-grouped, stratified), and the README
-recipe runs on that split file exactly as a user would run it:
+Every woman is held out once. For each outer fold the other women are split into inner
+train / validation women (seeded, patient-grouped, stratified by tissue), and the README
+recipe runs on that split file as a user runs it::
 
-    fit_cvae(config)  ->  calibrate_run(split="val", select_score=True)  ->  predict_split("test")
+    fit_cvae(config)  ->  calibrate_run(split="val")  ->  predict_split("test")
 
-(``fit_cvae`` ends by training the lesion segmenter when the config's ``lesion_steps`` is
-above 0; a fold whose CVAE is already trained gets only the segmenter added, the same step.)
+(``fit_cvae`` ends by training the lesion segmenter, ``lesion_seeds`` of them when above 1;
+a fold whose run already has them is only re-scored.)
 
-so every choice (the score, its standardisation, epochs by early stopping, the
-threshold) is made on the inner validation women only. The README recipe's default
-score (``calibrate`` without ``--select-score``: the lesion segmenter's top-1% probability
-minus the other breast's in a run that has one, else mean NLL minus the other breast's,
-``DEFAULT_SCORES``) is printed from the same models. The held-out fold's scores
-are standardised by the inner validation normals (``scoring.json`` reference), so
-the folds' scores can be pooled into one out-of-fold ROC-AUC with a patient-bootstrap
-95% CI. Printed side by side, from the same models and images:
+The protocol, in the order the script follows it:
 
-* each CVAE configuration's ``--select-score`` score (what it chose on val) and its
-  default score;
-* every candidate score (each map's mean / top-k, -ELBO, with or without the other
-  breast's, alone or plus the brightest-tissue rule), each standardised the same way;
-* the one-line bilateral rule: 99th-percentile-like brightest tissue (top 1% mean)
-  minus the other breast's (``intensity_topk-contra``);
-* for a bilateral model, the ablation of its condition: the same model with every
-  partner zeroed (``unpaired ...``, standardised by val normals scored the same way).
+1. **Candidates, declared here**: the run's segmenter score (top 1% lesion probability minus
+   the other breast's, :func:`~cvae_mammo.inference.scoring.segmenter_scoring`) plus ``w`` times
+   the bilateral brightest-tissue rule, both standardised by the inner validation normals,
+   for ``w`` in ``--rule-weights`` (0 is the library default). For a seed ensemble, the same
+   scores of each seed's own segmenter are printed next to it (its spread; not candidates).
+2. **Choice on validation only**: every candidate's ROC-AUC over the pooled inner validation
+   women of all folds (each scored by its own fold's models) is printed, and the best
+   candidate is taken. No test score is computed before this step.
+3. **Out-of-fold, once**: the chosen score, the library default, each seed's default and the
+   rule on the held-out women (folds pooled; each fold standardised by its val normals),
+   ROC-AUC with a 1000-resample patient-bootstrap 95% CI, the paired bootstrap difference
+   to the rule, per fold, per finding and tissue, and localisation (the share of abnormal
+   images with coordinates whose top-1% map region touches the annotated circle, against
+   the share expected by chance).
 
-Then, for the recipe score of each configuration: AUC per finding (CALC, CIRC, SPIC,
-MISC, ARCH, ASYM: that finding's images against all normal images) and per tissue
-(F, G, D), and localisation: the share of abnormal images with coordinates whose
-top-1% map region touches the annotated circle (mapped into the dataset geometry),
-next to the share expected by chance (circle area / breast area).
-
-Screening: ``--folds-to-run 0`` runs one fold only (AUCs over that fold's women).
+``--segmenter-only`` trains each fold's CVAE for one epoch: the segmenter's scores do not
+depend on it, and the recipe's other steps (calibrate, predict) run unchanged; the CVAE's own
+score is then not reported.
 
 Run::
 
-    python benchmarks/eval_mias.py --out runs/eval_mias \\
-        --config bilateral=examples/configs/mini_mias_cpu.yaml [--config other=FILE ...]
+    python benchmarks/eval_mias.py --out runs/eval_mias --config examples/configs/mini_mias_cpu.yaml
 
 MIAS: Suckling J. et al., Excerpta Medica Int. Congress Series 1069, 1994, pp. 375-378.
 """
@@ -61,22 +56,12 @@ import pandas as pd
 from cvae_mammo.data.splits import make_splits, write_splits
 from cvae_mammo.evaluation.metrics import roc_with_ci
 from cvae_mammo.fileio import atomic_write_csv, atomic_write_json, read_json
-from cvae_mammo.inference.scoring import ScoringConfig, segmenter_scoring
 from cvae_mammo.preprocessing.geometry import circle_mask, mask_to_dataset
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mini_mias"
 FINDINGS = ("CALC", "CIRC", "SPIC", "MISC", "ARCH", "ASYM")
 TISSUES = ("F", "G", "D")
 RULE = "intensity_topk-contra"
-
-
-def default_score_name(scoring: ScoringConfig) -> str:
-    """The candidate-table name of the score ``calibrate`` keeps without ``--select-score``."""
-    return "+".join(scoring.weights) + ("-contra" if scoring.contralateral_weight else "")
-
-
-#: ``calibrate``'s score without ``--select-score``, in a run with and without the segmenter.
-DEFAULT_SCORES = (default_score_name(segmenter_scoring()), default_score_name(ScoringConfig()))
 
 
 def mias_metadata(mias: Path, out: Path) -> Path:
@@ -126,10 +111,9 @@ def fold_dataset(data: Path, folds: pd.DataFrame, fold: int, seed: int, out: Pat
 
 
 def run_recipe(config: Path, fold_data: Path, run_dir: Path, seed: int,
-               epochs: int | None) -> pd.DataFrame:
-    """fit-cvae -> calibrate --select-score on val -> predict test; the scored test rows."""
+               epochs: int | None) -> None:
+    """fit-cvae (CVAE, then the segmenter) -> calibrate on val with the default score."""
     from cvae_mammo.evaluation.run_calibration import calibrate_run
-    from cvae_mammo.inference.predict import predict_split
     from cvae_mammo.models.cvae import CVAEConfig
     from cvae_mammo.training.cvae import fit_cvae
     from cvae_mammo.training.lesion_segmenter import fit_lesion_segmenter, segmenter_done
@@ -141,50 +125,67 @@ def run_recipe(config: Path, fold_data: Path, run_dir: Path, seed: int,
     wanted = CVAEConfig.load(config).replace(seed=seed)
     if wanted.lesion_steps > 0 and not segmenter_done(run_dir, wanted):
         fit_lesion_segmenter(run_dir, fold_data, wanted)  # the step fit_cvae ends with
-    calibrate_run(run_dir, fold_data, "val", method="youden", select_score=True, seed=seed)
-    return predict_split(run_dir, fold_data, "test")
+    calibrate_run(run_dir, fold_data, "val", method="youden", seed=seed)
 
 
-def candidate_table(base: ScoringConfig, test: pd.DataFrame, prefix: str = "") -> pd.DataFrame:
-    """Every pooled score of the held-out images (alone, minus the other breast's, and plus the
-    brightest-tissue rule), standardised by ``base.reference`` (the inner val normals),
-    selectable or not; column names start with ``prefix``."""
-    from cvae_mammo.inference.scoring import INTENSITY_SCORE, final_scores
+def segmenter_variants(run_dir: Path) -> dict[str, object]:
+    """``"ensemble"``: the run's saved segmenter; for a seed ensemble also ``"seed S"``: the
+    members of seed S alone (what a single-seed run with that seed saves)."""
+    from cvae_mammo.models.lesion_segmenter import (
+        ensemble_members,
+        ensemble_of,
+        load_lesion_segmenter,
+    )
+    from cvae_mammo.training.lesion_segmenter import VALIDATION_FILE
 
-    available = [name for name in base.reference if name in test]
-    columns = {}
-    for name in available:
-        for contra in (0.0, 1.0):
-            config = base.replace(weights={name: 1.0}, contralateral_weight=contra)
-            columns[prefix + name + ("-contra" if contra else "")] = final_scores(test, config)
-        if name != INTENSITY_SCORE:
-            config = base.replace(weights={name: 1.0, INTENSITY_SCORE: 1.0},
-                                  contralateral_weight=1.0)
-            columns[f"{prefix}{name}+intensity-contra"] = final_scores(test, config)
-    return pd.DataFrame(columns, index=test.index)
+    full = load_lesion_segmenter(run_dir)
+    variants: dict[str, object] = {"ensemble": full}
+    seeds = read_json(run_dir / VALIDATION_FILE).get("seeds", [])
+    if len(seeds) > 1:
+        members = ensemble_members(full)
+        for seed in seeds:
+            own = [m for m in members if m.name.startswith(f"lesion_segmenter_seed_{seed}_")]
+            variants[f"seed {seed}"] = ensemble_of(own)
+    return variants
 
 
-def unpaired_table(run_dir: Path, fold_data: Path, test: pd.DataFrame) -> pd.DataFrame:
-    """Ablation of the bilateral condition: the same model scored with every partner zeroed
-    (its single-image path), standardised by the inner val normals scored the same way.
-
-    Columns ``unpaired SELECT-SCORE`` (the score chosen on val) and ``unpaired <candidate>``
-    for every :func:`candidate_table` column. Empty for a model without the bilateral condition.
-    """
-    from cvae_mammo.inference.predict import load_predictor, load_scoring, predict_split
-    from cvae_mammo.inference.scoring import final_scores, fit_reference
+def candidate_scores(run_dir: Path, fold_data: Path, rule_weights: list[float],
+                     with_cvae: bool) -> pd.DataFrame:
+    """Val and test rows of one fold with every declared score, each standardised by the
+    fold's val normals scored by the same model: ``<variant> w=<w>`` (segmenter score plus
+    ``w`` times the rule), ``rule`` and, ``with_cvae``, ``cvae`` (mean NLL minus the other
+    breast's)."""
+    from cvae_mammo.inference.predict import load_predictor, predict_split
+    from cvae_mammo.inference.scoring import (
+        INTENSITY_SCORE,
+        ScoringConfig,
+        final_scores,
+        fit_reference,
+        segmenter_scoring,
+    )
 
     predictor = load_predictor(run_dir)
-    if not predictor.needs_partners:
-        return pd.DataFrame(index=test.index)
-    predictor.needs_partners = False
-    val = predict_split(run_dir, fold_data, "val", write=False, predictor=predictor)
-    alone = predict_split(run_dir, fold_data, "test", write=False, predictor=predictor)
-    alone = alone.set_index("image_id").loc[test["image_id"]].reset_index()
-    base = load_scoring(run_dir).replace(reference=fit_reference(val[val["label"] == 0]))
-    table = candidate_table(base, alone, prefix="unpaired ")
-    table.insert(0, "unpaired SELECT-SCORE", final_scores(alone, base))
-    return table.set_index(test.index)
+    keep = ["image_id", "patient_id", "label", "background_tissue"]
+    frames: dict[str, pd.DataFrame] = {}
+    for variant, segmenter in segmenter_variants(run_dir).items():
+        predictor.segmenter = segmenter
+        scored = {split: predict_split(run_dir, fold_data, split, write=False,
+                                       predictor=predictor) for split in ("val", "test")}
+        reference = fit_reference(scored["val"][scored["val"]["label"] == 0])
+        base = segmenter_scoring().replace(reference=reference)
+        for split, rows in scored.items():
+            frame = frames.setdefault(split, rows[keep].assign(split=split))
+            for weight in rule_weights:
+                weights = {"lesion_topk": 1.0, **({INTENSITY_SCORE: weight} if weight else {})}
+                frame[f"{variant} w={weight:g}"] = final_scores(
+                    rows, base.replace(weights=weights)).to_numpy()
+            if variant == "ensemble":
+                frame["rule"] = final_scores(rows, base.replace(
+                    weights={INTENSITY_SCORE: 1.0})).to_numpy()
+                if with_cvae:
+                    frame["cvae"] = final_scores(rows, ScoringConfig(reference=reference)
+                                                 ).to_numpy()
+    return pd.concat(frames.values(), ignore_index=True)
 
 
 def localisation(run_dir: Path, fold_data: Path, test: pd.DataFrame, mias: Path
@@ -258,27 +259,51 @@ def breakdown(frame: pd.DataFrame, score: str, mias: Path) -> dict[str, float]:
     return out
 
 
+def auc_table(frame: pd.DataFrame, names: list[str]) -> pd.DataFrame:
+    """ROC-AUC [95% CI] of each score column of ``frame``, one row per name."""
+    return pd.DataFrame([{"score": name, **auc_line(frame["label"], frame[name],
+                                                    frame["patient_id"])} for name in names])
+
+
+def per_fold(frame: pd.DataFrame, names: list[str]) -> dict[str, list[float]]:
+    """Each score's ROC-AUC within each fold's held-out women."""
+    from cvae_mammo.evaluation.metrics import roc_auc
+
+    return {name: [round(roc_auc(part["label"], part[name]), 3)
+                   for _, part in frame.groupby("fold") if part["label"].nunique() == 2]
+            for name in names}
+
+
+def _print(title: str, table: pd.DataFrame) -> None:
+    print(f"\n== {title}")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
+    from cvae_mammo.data.dataset import MammoDataset
+    from cvae_mammo.evaluation.metrics import paired_roc_auc_difference
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mias", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--config", action="append", required=True, metavar="NAME=FILE",
-                        help="a CVAE config to evaluate (repeat to compare several)")
+    parser.add_argument("--config", type=Path, required=True, help="the CVAE config (recipe)")
     parser.add_argument("--size", default="256x128", help="preprocessing output size HxW")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--folds-to-run", type=int, nargs="*", default=None,
                         help="screening: run only these outer folds")
-    parser.add_argument("--epochs", type=int, default=None, help="override the configs' epochs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--segmenter-only", action="store_true",
+                        help="train each fold's CVAE for one epoch (its score is not reported)")
+    parser.add_argument("--rule-weights", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0],
+                        help="declared candidates: segmenter score + w * rule")
+    parser.add_argument("--margin", type=float, default=0.05,
+                        help="report P(chosen - rule <= margin) from the paired bootstrap")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from cvae_mammo.inference.predict import load_scoring
-
     if not (args.mias / "labels.csv").is_file():
         print(f"mini-MIAS not found at {args.mias}", file=sys.stderr)
         return 2
-    configs = dict(item.split("=", 1) for item in args.config)
     size = tuple(int(v) for v in args.size.lower().split("x"))
     args.out.mkdir(parents=True, exist_ok=True)
     data = build_dataset(args.mias, args.out, size)
@@ -286,73 +311,61 @@ def main(argv: list[str] | None = None) -> int:
     folds = make_splits(manifest, test=0.0, folds=args.folds, seed=args.seed,
                         stratify=("background_tissue",))
     to_run = args.folds_to_run if args.folds_to_run is not None else list(range(args.folds))
-    oof: dict[str, list[pd.DataFrame]] = {name: [] for name in configs}
-    hits: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
-    chosen: dict[str, list[str]] = {name: [] for name in configs}
+    tables, runs = [], {}
     for fold in to_run:
+        started = time.perf_counter()
         fold_data = fold_dataset(data, folds, fold, args.seed, args.out)
-        for name, config in configs.items():
-            started = time.perf_counter()
-            run_dir = args.out / f"fold{fold}" / name
-            test = run_recipe(Path(config), fold_data, run_dir, args.seed, args.epochs)
-            selection = read_json(run_dir / "score_selection.json")
-            chosen[name].append(f"fold {fold}: " + "+".join(selection["chosen"]["weights"])
-                                + (" contra" if selection["chosen"]["contralateral_weight"]
-                                   else ""))
-            table = pd.concat([test[["image_id", "patient_id", "label", "background_tissue",
-                                     "score", "has_partner"] if "has_partner" in test else
-                                    ["image_id", "patient_id", "label", "background_tissue",
-                                     "score"]],
-                               candidate_table(load_scoring(run_dir), test),
-                               unpaired_table(run_dir, fold_data, test)], axis=1).assign(fold=fold)
-            oof[name].append(table)
-            hits[name] += localisation(run_dir, fold_data, test, args.mias)
-            print(f"fold {fold} {name}: {time.perf_counter() - started:.0f} s, chose "
-                  f"{chosen[name][-1]}", flush=True)
+        runs[fold] = (args.out / f"fold{fold}" / "run", fold_data)
+        run_recipe(args.config, fold_data, runs[fold][0], args.seed,
+                   1 if args.segmenter_only else None)
+        tables.append(candidate_scores(runs[fold][0], fold_data, args.rule_weights,
+                                       with_cvae=not args.segmenter_only).assign(fold=fold))
+        print(f"fold {fold}: {time.perf_counter() - started:.0f} s", flush=True)
+    scores = pd.concat(tables, ignore_index=True)
+    atomic_write_csv(args.out / "scores.csv", scores)
+    val, test = scores[scores["split"] == "val"], scores[scores["split"] == "test"]
+    candidates = [f"ensemble w={w:g}" for w in args.rule_weights]
+    seeds = sorted({c.split(" w=")[0] for c in scores if c.startswith("seed ")})
+    spread = [f"{seed} w={w:g}" for seed in seeds for w in args.rule_weights]
+    comparators = ["rule"] + (["cvae"] if "cvae" in scores else [])
 
-    summary: dict[str, object] = {"folds_run": to_run, "configs": configs, "size": args.size}
-    lines = []
-    for name in configs:
-        pooled = pd.concat(oof[name], ignore_index=True)
-        atomic_write_csv(args.out / f"oof_{name}.csv", pooled)
-        groups = pooled["patient_id"]
-        recipe = auc_line(pooled["label"], pooled["score"], groups)
-        lines.append({"config": name, "score": "SELECT-SCORE (chosen on val)", **recipe})
-        candidates = [c for c in pooled.columns if c not in
-                      {"image_id", "patient_id", "label", "background_tissue", "score",
-                       "has_partner", "fold"}]
-        for column in candidates:
-            lines.append({"config": name, "score": column,
-                          **auc_line(pooled["label"], pooled[column], groups)})
-        located = pd.DataFrame(hits[name])
-        default = next(score for score in DEFAULT_SCORES
-                       if score in pooled and pooled[score].std() > 0)
-        summary[name] = {
-            "recipe": recipe, "chosen": chosen[name],
-            "breakdown": breakdown(pooled, "score", args.mias),
-            "default": default,
-            "default_breakdown": breakdown(pooled, default, args.mias),
-            "rule_breakdown": breakdown(pooled, RULE, args.mias) if RULE in pooled else {},
-            "localisation": {"images": len(located),
-                             "hit_fraction": float(located["hit"].mean()) if len(located) else None,
-                             "chance": float(located["chance"].mean()) if len(located) else None},
-        }
-    table = pd.DataFrame(lines)
-    atomic_write_csv(args.out / "auc_table.csv", table)
+    # 2. the choice, on the pooled inner validation women only
+    validation = auc_table(val, candidates + spread + comparators)
+    _print(f"inner validation ({len(val)} images, {int(val['label'].sum())} abnormal; "
+           "candidates: ensemble w=...)", validation)
+    chosen = max(candidates, key=lambda name: validation.set_index("score").at[name, "auc"])
+    default = candidates[args.rule_weights.index(0.0)] if 0.0 in args.rule_weights else chosen
+    print(f"chosen on validation: {chosen}", flush=True)
+
+    # 3. out-of-fold, once
+    reported = list(dict.fromkeys([chosen, default, *[f"{s} w=0" for s in seeds],
+                                   *comparators]))
+    oof = auc_table(test, reported)
+    _print(f"OUT-OF-FOLD ({len(test)} images, {int(test['label'].sum())} abnormal)", oof)
+    difference, interval, share = paired_roc_auc_difference(
+        test["label"], test[chosen], test["rule"], test["patient_id"], margin=args.margin)
+    seed_aucs = oof.set_index("score").loc[[f"{s} w=0" for s in seeds], "auc"].tolist()
+    located = []
+    for run_dir, fold_data in runs.values():
+        held_out = MammoDataset.open(fold_data).subset(split="test")
+        located += localisation(run_dir, fold_data, held_out, args.mias)
+    located = pd.DataFrame(located)
+    summary = {
+        "config": str(args.config), "size": args.size, "folds_run": to_run, "seed": args.seed,
+        "segmenter_only": args.segmenter_only, "chosen": chosen, "default": default,
+        "validation": validation.to_dict("records"), "out_of_fold": oof.to_dict("records"),
+        "per_fold": per_fold(test, reported),
+        "chosen_minus_rule": {"difference": difference, "ci": interval,
+                              f"p_difference_le_{args.margin:g}": share},
+        "seed_spread": (max(seed_aucs) - min(seed_aucs)) if seed_aucs else None,
+        "breakdown": {name: breakdown(test, name, args.mias) for name in (chosen, "rule")},
+        "localisation": {"images": len(located),
+                         "hit_fraction": float(located["hit"].mean()) if len(located) else None,
+                         "chance": float(located["chance"].mean()) if len(located) else None},
+    }
     atomic_write_json(args.out / "summary.json", summary)
-    with pd.option_context("display.max_rows", 500, "display.width", 160):
-        print(table.sort_values(["config", "auc"], ascending=[True, False]).to_string(
-            index=False, float_format=lambda v: f"{v:.3f}"))
-    for name in configs:
-        print(f"\n== {name}: --select-score {summary[name]['recipe']}")
-        print("   chosen per fold:", "; ".join(summary[name]["chosen"]))
-        print("   --select-score per finding / tissue:", {k: round(v, 3) for k, v in
-                                                          summary[name]["breakdown"].items()})
-        print(f"   {summary[name]['default']} (default) per finding / tissue:",
-              {k: round(v, 3) for k, v in summary[name]["default_breakdown"].items()})
-        print("   rule per finding / tissue:", {k: round(v, 3) for k, v in
-                                                summary[name]["rule_breakdown"].items()})
-        print("   localisation:", summary[name]["localisation"])
+    for key in ("per_fold", "chosen_minus_rule", "seed_spread", "breakdown", "localisation"):
+        print(f"{key}: {summary[key]}")
     return 0
 
 

@@ -355,3 +355,24 @@ def operating_point_ci(labels: ArrayLike, scores: ArrayLike, threshold: float,
         "confidence": confidence,
         "n_bootstrap": n_bootstrap,
     }
+
+
+def paired_roc_auc_difference(labels: ArrayLike, scores_a: ArrayLike, scores_b: ArrayLike,
+                              groups: ArrayLike | None = None, margin: float = 0.0,
+                              n_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0
+                              ) -> tuple[float, tuple[float, float], float]:
+    """ROC-AUC of ``scores_a`` minus that of ``scores_b`` on the same images, with a paired
+    (patient-level, both scores resampled together) bootstrap CI, and the share of resamples
+    in which the difference is at most ``margin``."""
+    y = _as_labels(labels)
+    a, b = _as_scores(scores_a, y.size), _as_scores(scores_b, y.size)
+    _check_both_classes(y, "ROC-AUC")
+    counters = _RocCounter(y, a), _RocCounter(y, b)
+    differences = []
+    for weights in group_bootstrap_weights(groups, y.size, n_bootstrap, seed):
+        if weights[y].sum() == 0 or weights[~y].sum() == 0:
+            continue
+        first, second = (_area(*counter.curve(weights)) for counter in counters)
+        differences.append(first - second)
+    share = float(np.mean(np.asarray(differences) <= margin)) if differences else float("nan")
+    return roc_auc(y, a) - roc_auc(y, b), _percentile_interval(differences, confidence), share

@@ -85,8 +85,10 @@ class CVAEConfig(TrainingOptions):
     (:mod:`cvae_mammo.models.lesion_segmenter`, ``lesion_filters``) for that many steps of
     ``lesion_batch_size`` at ``lesion_learning_rate``, and keeps ``lesion_snapshots`` snapshots
     of it from the second half of training, whose lesion probabilities are averaged (1600
-    steps, snapshots at 800, 1200 and 1600 by default); the top-1% lesion probability minus
-    the other breast's becomes the run's score.
+    steps, snapshots at 800, 1200 and 1600 by default); ``lesion_seeds`` above 1 trains that
+    many segmenters from seeds ``seed``, ``seed + 1``, ... and averages all their snapshots
+    (a seed ensemble: each single run ranks images differently). The top-1% lesion
+    probability minus the other breast's becomes the run's score.
     """
 
     image_size: tuple[int, int] = (1456, 728)
@@ -123,10 +125,11 @@ class CVAEConfig(TrainingOptions):
     lesion_filters: tuple[int, ...] = (16, 32, 48, 64)
     lesion_learning_rate: float = 5e-4
     lesion_snapshots: int = 3
+    lesion_seeds: int = 1
 
     EXTRA_TRAINING_FIELDS: ClassVar[tuple[str, ...]] = (
         "recon_every", "recon_images", "lesion_steps", "lesion_batch_size", "lesion_filters",
-        "lesion_learning_rate", "lesion_snapshots")
+        "lesion_learning_rate", "lesion_snapshots", "lesion_seeds")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -152,11 +155,12 @@ class CVAEConfig(TrainingOptions):
         if not self.filters:
             raise ValueError("filters: need at least one encoder stage")
         if (self.lesion_steps < 0 or self.lesion_batch_size < 1 or not self.lesion_filters
-                or self.lesion_snapshots < 1):
+                or self.lesion_snapshots < 1 or self.lesion_seeds < 1):
             raise ValueError(f"lesion_steps {self.lesion_steps} (>= 0), lesion_batch_size "
                              f"{self.lesion_batch_size} (>= 1), lesion_filters "
-                             f"{self.lesion_filters} (at least one stage) and lesion_snapshots "
-                             f"{self.lesion_snapshots} (>= 1): out of range")
+                             f"{self.lesion_filters} (at least one stage), lesion_snapshots "
+                             f"{self.lesion_snapshots} (>= 1) and lesion_seeds "
+                             f"{self.lesion_seeds} (>= 1): out of range")
 
     @classmethod
     def small(cls, **changes: Any) -> CVAEConfig:

@@ -75,6 +75,13 @@ def ensemble_of(members: Sequence[keras.Model]) -> keras.Model:
     return keras.Model(inputs, stacked, name="lesion_segmenter_ensemble")
 
 
+def ensemble_members(model: keras.Model) -> list[keras.Model]:
+    """The member segmenters of an :func:`ensemble_of` model, in output order (a model that is
+    not an ensemble is its own only member)."""
+    members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    return members or [model]
+
+
 def segmentation_loss(targets: keras.KerasTensor, logits: keras.KerasTensor) -> keras.KerasTensor:
     """Lesion-weighted (10x) binary cross-entropy plus soft Dice over the samples with a lesion."""
     ops = keras.ops

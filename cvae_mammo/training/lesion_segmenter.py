@@ -143,23 +143,24 @@ def snapshot_steps(steps: int, snapshots: int) -> list[int]:
                    for i in range(snapshots)})
 
 
+def segmenter_seeds(config: CVAEConfig) -> list[int]:
+    """The seeds of the segmenters a run averages: ``seed``, ``seed + 1``, ... (``lesion_seeds``)."""
+    return [config.seed + k for k in range(config.lesion_seeds)]
+
+
 def segmenter_settings(config: CVAEConfig) -> dict[str, object]:
     """The options a trained segmenter is recorded with (in ``lesion_validation.json``)."""
     return {"steps": config.lesion_steps, "batch_size": config.lesion_batch_size,
             "filters": list(config.lesion_filters), "learning_rate": config.lesion_learning_rate,
             "snapshots": snapshot_steps(config.lesion_steps, config.lesion_snapshots),
-            "seed": config.seed}
+            "seed": config.seed, "seeds": segmenter_seeds(config)}
 
 
-def _ensemble_of_snapshots(weights: dict[int, list[np.ndarray]],
-                           config: CVAEConfig) -> keras.Model:
-    members = []
-    for step, snapshot in weights.items():
-        member = build_lesion_segmenter(config.image_size, config.lesion_filters,
-                                        name=f"lesion_segmenter_step_{step}")
-        member.set_weights(snapshot)
-        members.append(member)
-    return ensemble_of(members)
+def _member(weights: list[np.ndarray], config: CVAEConfig, seed: int, step: int) -> keras.Model:
+    member = build_lesion_segmenter(config.image_size, config.lesion_filters,
+                                    name=f"lesion_segmenter_seed_{seed}_step_{step}")
+    member.set_weights(weights)
+    return member
 
 
 def segmenter_done(run_dir: PathLike, config: CVAEConfig) -> bool:
@@ -169,15 +170,52 @@ def segmenter_done(run_dir: PathLike, config: CVAEConfig) -> bool:
     if not (run_dir / SEGMENTER_FILE).is_file() or not report.is_file():
         return False
     recorded = read_json(report)
+    recorded.setdefault("seeds", [recorded.get("seed")])  # runs saved before seed ensembles
     return all(recorded.get(key) == value for key, value in segmenter_settings(config).items())
+
+
+def train_segmenter_snapshots(pairs: PairedImages, config: CVAEConfig, seed: int,
+                              label: str = "lesion segmenter", log_every: int = 50
+                              ) -> tuple[dict[int, list[np.ndarray]], list[float]]:
+    """Train one segmenter from ``seed`` for ``config.lesion_steps`` steps on ``pairs``.
+
+    Returns the weights at each :func:`snapshot_steps` step and the loss of every step;
+    raises :class:`~cvae_mammo.errors.TrainingDivergedError` on a NaN/inf loss.
+    """
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = build_lesion_segmenter(config.image_size, config.lesion_filters)
+    model.compile(keras.optimizers.AdamW(config.lesion_learning_rate, weight_decay=1e-4,
+                                         clipnorm=1.0), loss=segmentation_loss)
+    keep = set(snapshot_steps(config.lesion_steps, config.lesion_snapshots))
+    started, losses, snapshots = time.perf_counter(), [], {}
+    for step in range(1, config.lesion_steps + 1):
+        loss = float(model.train_on_batch(*training_batch(pairs, config.lesion_batch_size,
+                                                          config, rng)))
+        if not np.isfinite(loss):
+            raise TrainingDivergedError(f"{label} loss is {loss} at step {step}; nothing was "
+                                        "saved")
+        losses.append(loss)
+        if step in keep:
+            snapshots[step] = model.get_weights()
+        if step % log_every == 0 or step == config.lesion_steps:
+            elapsed = time.perf_counter() - started
+            LOGGER.info("%s step %d/%d: loss %.4f (mean of last %d), %.0f s, about %.0f s left",
+                        label, step, config.lesion_steps,
+                        float(np.mean(losses[-log_every:])), min(log_every, len(losses)),
+                        elapsed, elapsed / step * (config.lesion_steps - step))
+    return snapshots, losses
 
 
 def fit_lesion_segmenter(run_dir: PathLike, data_dir: PathLike,
                          config: CVAEConfig | None = None, log_every: int = 50) -> Path:
-    """Train the run's lesion segmenter for ``config.lesion_steps`` steps; returns its file.
+    """Train the run's lesion segmenter(s) for ``config.lesion_steps`` steps; returns its file.
 
     ``config`` defaults to the run's own (``config.json``); its ``image_size``,
     ``seed``, ``mask_threshold``, ``partner_dropout`` and ``lesion_*`` options are used.
+    With ``lesion_seeds`` above 1, one segmenter is trained per seed (:func:`segmenter_seeds`;
+    the first is the one a single-seed run trains) and the saved ensemble averages the
+    snapshots of all of them.
     """
     run_dir = Path(run_dir)
     if config is None:
@@ -186,37 +224,23 @@ def fit_lesion_segmenter(run_dir: PathLike, data_dir: PathLike,
         raise InputError(f"{run_dir}: lesion_steps is {config.lesion_steps}; nothing to train")
     dataset = MammoDataset.open(data_dir)
     train, val = segmenter_frames(dataset)
-    keras.utils.set_random_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
     pairs = PairedImages(train, dataset.root, config.image_size)
-    model = build_lesion_segmenter(config.image_size, config.lesion_filters)
-    model.compile(keras.optimizers.AdamW(config.lesion_learning_rate, weight_decay=1e-4,
-                                         clipnorm=1.0), loss=segmentation_loss)
-    LOGGER.info("lesion segmenter: %d train negatives (%d with the other breast), %d steps of %d",
-                len(train), int(train["has_partner"].sum()), config.lesion_steps,
-                config.lesion_batch_size)
-    keep = set(snapshot_steps(config.lesion_steps, config.lesion_snapshots))
-    started, losses, snapshots = time.perf_counter(), [], {}
-    for step in range(1, config.lesion_steps + 1):
-        loss = float(model.train_on_batch(*training_batch(pairs, config.lesion_batch_size,
-                                                          config, rng)))
-        if not np.isfinite(loss):
-            raise TrainingDivergedError(f"{run_dir}: lesion segmenter loss is {loss} at step "
-                                        f"{step}; nothing was saved")
-        losses.append(loss)
-        if step in keep:
-            snapshots[step] = model.get_weights()
-        if step % log_every == 0 or step == config.lesion_steps:
-            elapsed = time.perf_counter() - started
-            LOGGER.info("lesion segmenter step %d/%d: loss %.4f (mean of last %d), %.0f s, "
-                        "about %.0f s left", step, config.lesion_steps,
-                        float(np.mean(losses[-log_every:])), min(log_every, len(losses)),
-                        elapsed, elapsed / step * (config.lesion_steps - step))
-    model = _ensemble_of_snapshots(snapshots, config)
+    seeds = segmenter_seeds(config)
+    LOGGER.info("lesion segmenter: %d train negatives (%d with the other breast), %d steps of %d, "
+                "seeds %s", len(train), int(train["has_partner"].sum()), config.lesion_steps,
+                config.lesion_batch_size, seeds)
+    started, members, losses = time.perf_counter(), [], {}
+    for seed in seeds:
+        label = f"{run_dir}: lesion segmenter (seed {seed})"
+        snapshots, losses[seed] = train_segmenter_snapshots(pairs, config, seed, label, log_every)
+        members += [_member(weights, config, seed, step) for step, weights in snapshots.items()]
+    model = ensemble_of(members)
     save_model_atomically(model, run_dir / SEGMENTER_FILE)
     report = {**segmenter_settings(config), "seconds": round(time.perf_counter() - started, 1),
-              "train_negatives": len(train), "loss_every_50": [
-                  round(float(np.mean(losses[i:i + 50])), 5) for i in range(0, len(losses), 50)]}
+              "train_negatives": len(train), "loss_every_50": _every_50(losses[seeds[0]])}
+    if len(seeds) > 1:
+        report["loss_every_50_per_seed"] = {str(seed): _every_50(curve)
+                                            for seed, curve in losses.items()}
     if not val.empty:
         report["val_negatives"] = len(val)
         report["synthetic_lesion_pixel_roc_auc"] = synthetic_lesion_auc(
@@ -231,3 +255,7 @@ def fit_lesion_segmenter(run_dir: PathLike, data_dir: PathLike,
         LOGGER.warning("%s: removed %s, set for the previous score; run calibrate again",
                        run_dir, THRESHOLD_FILE)
     return run_dir / SEGMENTER_FILE
+
+
+def _every_50(losses: list[float]) -> list[float]:
+    return [round(float(np.mean(losses[i:i + 50])), 5) for i in range(0, len(losses), 50)]

@@ -167,3 +167,18 @@ def test_weighted_roc_points_match_sklearn(scored):
     sk_fpr, sk_tpr, _ = skm.roc_curve(labels, scores, drop_intermediate=False)
     fpr, tpr = metrics.roc_points(labels, scores)
     assert np.allclose(fpr, sk_fpr) and np.allclose(tpr, sk_tpr)
+
+
+def test_paired_auc_difference_is_the_difference_and_its_ci_is_paired():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 300)
+    strong = y + rng.normal(0, 0.8, 300)
+    weak = y + rng.normal(0, 3.0, 300)
+    groups = np.repeat(np.arange(150), 2)
+    diff, (low, high), share = metrics.paired_roc_auc_difference(y, strong, weak, groups,
+                                                                 margin=0.05, n_bootstrap=300)
+    assert diff == pytest.approx(skm.roc_auc_score(y, strong) - skm.roc_auc_score(y, weak))
+    assert low < diff < high and low > 0.05 and share < 0.05
+    same, (low, high), share = metrics.paired_roc_auc_difference(y, strong, strong, groups,
+                                                                 n_bootstrap=50)
+    assert same == 0.0 and low == high == 0.0 and share == 1.0

@@ -66,6 +66,7 @@ def test_an_ensemble_averages_its_members_probabilities_and_saves_as_one_model(
     from cvae_mammo.models.lesion_segmenter import (
         SEGMENTER_FILE,
         build_lesion_segmenter,
+        ensemble_members,
         ensemble_of,
         lesion_probability,
         load_lesion_segmenter,
@@ -84,3 +85,8 @@ def test_an_ensemble_averages_its_members_probabilities_and_saves_as_one_model(
     assert loaded.output.shape[-1] == 3
     np.testing.assert_allclose(lesion_probability(loaded, images, partners),
                                np.mean(each, axis=0), rtol=1e-5, atol=1e-7)
+    members_back = ensemble_members(loaded)
+    assert [m.name for m in members_back] == ["member_0", "member_1", "member_2"]
+    np.testing.assert_allclose(lesion_probability(ensemble_of(members_back[:2]), images, partners),
+                               np.mean(each[:2], axis=0), rtol=1e-5, atol=1e-7)
+    assert ensemble_members(members[0]) == [members[0]]  # a plain segmenter is its own member

@@ -111,7 +111,7 @@ def test_a_diverging_segmenter_stops_and_saves_nothing(segmenter_run: Path, data
     run = tmp_path / "run"
     shutil.copytree(segmenter_run, run)
     (run / SEGMENTER_FILE).unlink()
-    with pytest.raises(TrainingDivergedError, match="lesion segmenter loss is"):
+    with pytest.raises(TrainingDivergedError, match=r"lesion segmenter \(seed 0\) loss is"):
         fit_lesion_segmenter(run, dataset, _config(lesion_learning_rate=1e30, lesion_steps=40))
     assert not (run / SEGMENTER_FILE).exists()
 
@@ -128,3 +128,23 @@ def test_a_segmenter_added_to_a_calibrated_run_resets_its_score_and_threshold(
     assert not (run / "threshold.json").exists()  # it was set for the previous score
     assert read_json(run / "scoring.json")["reference"] == {}
     assert read_json(run / "lesion_validation.json")["steps"] == 3
+
+
+def test_a_seed_ensemble_averages_the_snapshots_of_every_seed(segmenter_run: Path, dataset: Path,
+                                                              tmp_path: Path) -> None:
+    from cvae_mammo.fileio import read_json
+    from cvae_mammo.models.lesion_segmenter import ensemble_members, load_lesion_segmenter
+    from cvae_mammo.training.lesion_segmenter import fit_lesion_segmenter, segmenter_done
+
+    run = tmp_path / "run"
+    shutil.copytree(segmenter_run, run)
+    config = _config(lesion_steps=6, lesion_seeds=2, seed=5)
+    fit_lesion_segmenter(run, dataset, config)
+    members = ensemble_members(load_lesion_segmenter(run))
+    assert [m.name for m in members] == [f"lesion_segmenter_seed_{seed}_step_{step}"
+                                         for seed in (5, 6) for step in (3, 4, 6)]
+    first, second = members[2].get_weights(), members[5].get_weights()  # last step of each seed
+    assert any(not np.array_equal(a, b) for a, b in zip(first, second))
+    report = read_json(run / "lesion_validation.json")
+    assert report["seeds"] == [5, 6] and set(report["loss_every_50_per_seed"]) == {"5", "6"}
+    assert segmenter_done(run, config) and not segmenter_done(run, config.replace(lesion_seeds=1))
