@@ -27,13 +27,18 @@ The protocol, in the order the script follows it:
    images with coordinates whose top-1% map region touches the annotated circle, against
    the share expected by chance).
 
+``--classifier FILE`` also fine-tunes the companion classifier of that ClassifierConfig from
+each fold's segmenter (backbone ``LesionSegmenter``, early stopping on the inner validation
+women, no choice made on its test scores) and adds its out-of-fold row.
+
 ``--segmenter-only`` trains each fold's CVAE for one epoch: the segmenter's scores do not
 depend on it, and the recipe's other steps (calibrate, predict) run unchanged; the CVAE's own
 score is then not reported.
 
 Run::
 
-    python benchmarks/eval_mias.py --out runs/eval_mias --config examples/configs/mini_mias_cpu.yaml
+    python benchmarks/eval_mias.py --out runs/eval_mias --config examples/configs/mini_mias_cpu.yaml \
+        --segmenter-only --classifier examples/configs/mini_mias_classifier.yaml
 
 MIAS: Suckling J. et al., Excerpta Medica Int. Congress Series 1069, 1994, pp. 375-378.
 """
@@ -188,6 +193,26 @@ def candidate_scores(run_dir: Path, fold_data: Path, rule_weights: list[float],
     return pd.concat(frames.values(), ignore_index=True)
 
 
+def classifier_scores(config: Path, run_dir: Path, fold_data: Path, out: Path, seed: int
+                      ) -> pd.DataFrame:
+    """``cvae-mammo fit-classifier --backbone LesionSegmenter --weights RUN`` on the fold's
+    labelled inner train women (early stopping on its val women), then its probability on
+    the val and test women, standardised by the val normals: ``image_id``, ``split``,
+    ``classifier``. A fold whose classifier run has its model is only re-scored."""
+    from cvae_mammo.inference.predict import predict_split
+    from cvae_mammo.training.classifier import fit_classifier
+
+    if not (out / "model.keras").is_file():
+        fit_classifier(fold_data, out, config=config, backbone="LesionSegmenter",
+                       weights=str(run_dir), seed=seed, resume=(out / "config.json").is_file(),
+                       command=[sys.executable, *sys.argv])
+    scored = pd.concat([predict_split(out, fold_data, split, write=False).assign(split=split)
+                        for split in ("val", "test")], ignore_index=True)
+    normals = scored.loc[(scored["split"] == "val") & (scored["label"] == 0), "score"]
+    scored["classifier"] = (scored["score"] - normals.mean()) / max(normals.std(), 1e-12)
+    return scored[["image_id", "split", "classifier"]].astype({"image_id": str})
+
+
 def localisation(run_dir: Path, fold_data: Path, test: pd.DataFrame, mias: Path
                  ) -> list[dict[str, float]]:
     """Top-1% map region vs annotated circle for each abnormal test image with coordinates."""
@@ -297,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="train each fold's CVAE for one epoch (its score is not reported)")
     parser.add_argument("--rule-weights", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0],
                         help="declared candidates: segmenter score + w * rule")
+    parser.add_argument("--classifier", type=Path, default=None,
+                        help="also fine-tune a classifier from each fold's segmenter with this "
+                             "ClassifierConfig file (backbone and weights set per fold)")
     parser.add_argument("--margin", type=float, default=0.05,
                         help="report P(chosen - rule <= margin) from the paired bootstrap")
     args = parser.parse_args(argv)
@@ -318,8 +346,13 @@ def main(argv: list[str] | None = None) -> int:
         runs[fold] = (args.out / f"fold{fold}" / "run", fold_data)
         run_recipe(args.config, fold_data, runs[fold][0], args.seed,
                    1 if args.segmenter_only else None)
-        tables.append(candidate_scores(runs[fold][0], fold_data, args.rule_weights,
-                                       with_cvae=not args.segmenter_only).assign(fold=fold))
+        table = candidate_scores(runs[fold][0], fold_data, args.rule_weights,
+                                 with_cvae=not args.segmenter_only).assign(fold=fold)
+        if args.classifier is not None:
+            table = table.astype({"image_id": str}).merge(classifier_scores(
+                args.classifier, runs[fold][0], fold_data, args.out / f"fold{fold}" / "classifier",
+                args.seed), on=["image_id", "split"], how="left")
+        tables.append(table)
         print(f"fold {fold}: {time.perf_counter() - started:.0f} s", flush=True)
     scores = pd.concat(tables, ignore_index=True)
     atomic_write_csv(args.out / "scores.csv", scores)
@@ -327,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     candidates = [f"ensemble w={w:g}" for w in args.rule_weights]
     seeds = sorted({c.split(" w=")[0] for c in scores if c.startswith("seed ")})
     spread = [f"{seed} w={w:g}" for seed in seeds for w in args.rule_weights]
-    comparators = ["rule"] + (["cvae"] if "cvae" in scores else [])
+    comparators = ["rule"] + [name for name in ("cvae", "classifier") if name in scores]
 
     # 2. the choice, on the pooled inner validation women only
     validation = auc_table(val, candidates + spread + comparators)

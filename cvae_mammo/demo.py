@@ -132,7 +132,7 @@ def _fit_cvae(dataset_dir: Path, run_dir: Path, size: tuple[int, int], options: 
 
     steps = max(1, math.ceil(options.n_patients * 4 * 0.5 * (1 - options.positive_fraction / 2)
                              / 8))
-    # The CVAE alone: the lesion segmenter's 1600 steps would more than double the demo on 2 CPU cores
+    # The CVAE alone: the lesion segmenter's 2 x 800 steps would more than double the demo on 2 CPU cores
     # (tests and the quickstart notebook train it; its figures are measured on mini-MIAS).
     config = CVAEConfig.small(image_size=size, epochs=options.cvae_epochs,
                               beta_warmup_steps=2 * steps, recon_every=max(1, options.cvae_epochs),

@@ -13,7 +13,7 @@ from cvae_mammo.cli import COMMANDS, build_parser
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CVAE_CONFIGS = ("rsna_gpu.yaml", "mini_mias_cpu.yaml", "png_folder.yaml")
-CLASSIFIER_CONFIGS = ("rsna_gpu_classifier.yaml",)
+CLASSIFIER_CONFIGS = ("rsna_gpu_classifier.yaml", "mini_mias_classifier.yaml")
 
 
 @pytest.mark.parametrize("name", CVAE_CONFIGS)
@@ -34,7 +34,13 @@ def test_classifier_configs_load(name):
     from cvae_mammo.models.classifier_config import ClassifierConfig
 
     config = ClassifierConfig.load(EXAMPLES / "configs" / name)
-    assert config.image_size == (1456, 728) and config.precision == "mixed"
+    if name == "mini_mias_classifier.yaml":  # on the CVAE recipe's segmenter, at its size
+        from cvae_mammo.models.cvae import CVAEConfig
+
+        recipe = CVAEConfig.load(EXAMPLES / "configs" / "mini_mias_cpu.yaml")
+        assert config.needs_partners and config.image_size == recipe.image_size
+    else:
+        assert config.image_size == (1456, 728) and config.precision == "mixed"
 
 
 def _commands(markdown: str) -> list[list[str]]:

@@ -6,6 +6,9 @@ folder (model.keras, config.json, metadata.json, history.csv, logs/,
 checkpoints/, predictions_val.csv, validation.json). Pretrained weights:
 --weights imagenet downloads them (needs internet); --weights PATH loads a
 local backbone weights file; --weights none starts from random weights.
+--backbone LesionSegmenter --weights RUN_DIR starts from the lesion segmenter of a
+CVAE run (fit-cvae with lesion_steps > 0) and fine-tunes it on the labels; it
+also reads the other breast, and --image-size must be the run's.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``cvae-mammo fit-classifier``."""
     add_training_arguments(parser, "ClassifierConfig JSON/YAML file")
     parser.add_argument("--backbone", choices=list(BACKBONES), default=None,
-                        help="keras.applications backbone (config default: EfficientNetB0)")
+                        help="keras.applications backbone, or LesionSegmenter: a CVAE run's "
+                             "lesion segmenter (config default: EfficientNetB0)")
     parser.add_argument("--weights", default=None,
-                        help="imagenet | PATH to a local backbone weights file | none")
+                        help="imagenet | PATH to a local backbone weights file | none; for "
+                             "LesionSegmenter the CVAE run folder")
     parser.add_argument("--loss", choices=LOSSES, default=None,
                         help="binary focal cross-entropy (default) or class-weighted BCE")
     parser.add_argument("--freeze-epochs", type=int, default=None,

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lesion-steps", type=int, default=None, metavar="N",
                         help="training steps of the bilateral lesion segmenter trained after the "
                              "CVAE (its score becomes the run's); 0: none. Default: the config's "
-                             "lesion_steps (1600)")
+                             "lesion_steps (800, per seed)")
 
 
 def run(args: argparse.Namespace) -> int:

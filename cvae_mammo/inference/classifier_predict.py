@@ -17,6 +17,7 @@ import pandas as pd
 
 from cvae_mammo.models.classifier import backbone_of, predict_proba
 from cvae_mammo.models.classifier_config import ClassifierConfig
+from cvae_mammo.models.segmenter_classifier import lesion_map_model
 from cvae_mammo.tf_startup import keras
 
 
@@ -52,12 +53,12 @@ class ClassifierPredictor:
     """Scores (and optional Grad-CAM maps) of a classifier run for :mod:`cvae_mammo.inference.predict`.
 
     ``score`` returns a ``probability`` column (the model's positive-class
-    probability) and, when ``maps`` is true, Grad-CAM maps; ``finalise``
-    makes ``probability`` the run's ``score``. Metadata for the tabular
-    branch is encoded with the run's saved, train-fitted encoder.
+    probability) and, when ``maps`` is true, Grad-CAM maps (for the
+    ``LesionSegmenter`` backbone: its lesion map, and the model also takes the
+    other breast); ``finalise`` makes ``probability`` the run's ``score``.
+    Metadata for the tabular branch is encoded with the run's saved,
+    train-fitted encoder.
     """
-
-    needs_partners = False
 
     def __init__(self, run_dir: Path, config: dict[str, Any], maps: bool = True) -> None:
         from cvae_mammo.training.runs import load_run_encoder, load_run_model
@@ -67,10 +68,17 @@ class ClassifierPredictor:
         self.encoder = load_run_encoder(run_dir)
         self.image_size = (int(config["image_size"][0]), int(config["image_size"][1]))
         self.maps = maps
+        self.needs_partners = self.config.needs_partners
+        self.map_model = lesion_map_model(self.model) if self.needs_partners else None
 
-    def inputs(self, images: np.ndarray, rows: pd.DataFrame) -> dict[str, np.ndarray]:
-        """The model's input dict for images in [0, 1] and their metadata rows."""
+    def inputs(self, images: np.ndarray, rows: pd.DataFrame, partners: np.ndarray | None = None
+               ) -> dict[str, np.ndarray]:
+        """The model's input dict for images in [0, 1], their metadata rows and, for a model
+        that takes them, their other breasts (zeros where there is none)."""
         inputs = {"image": np.asarray(images, np.float32)}
+        if self.needs_partners:
+            inputs["partner"] = (np.zeros_like(inputs["image"]) if partners is None
+                                 else np.asarray(partners, np.float32))
         if self.config.tabular_features:
             if self.encoder is None:
                 raise ValueError("classifier run has tabular_features but no saved encoder")
@@ -80,9 +88,14 @@ class ClassifierPredictor:
     def score(self, images: np.ndarray, rows: pd.DataFrame, partners: np.ndarray | None = None
               ) -> tuple[pd.DataFrame, np.ndarray | None]:
         """``probability`` per image (same order as ``rows``) and Grad-CAM maps or None."""
-        inputs = self.inputs(images, rows)
+        inputs = self.inputs(images, rows, partners)
         table = pd.DataFrame({"probability": predict_proba(self.model, inputs)}, index=rows.index)
-        return table, grad_cam(self.model, inputs) if self.maps else None
+        if not self.maps:
+            return table, None
+        if self.map_model is not None:
+            maps = self.map_model.predict(inputs, verbose=0)[..., 0]
+            return table, np.asarray(maps, np.float32)
+        return table, grad_cam(self.model, inputs)
 
     def finalise(self, scores: pd.DataFrame) -> pd.Series:
         """The image score is the predicted probability."""

@@ -26,7 +26,12 @@ import numpy as np
 import pandas as pd
 
 from cvae_mammo.errors import InputError
-from cvae_mammo.models.classifier_config import AUX_TARGETS, BACKBONES, ClassifierConfig
+from cvae_mammo.models.classifier_config import (
+    APPLICATION_BACKBONES,
+    AUX_TARGETS,
+    BACKBONES,
+    ClassifierConfig,
+)
 from cvae_mammo.models.layers import BN_MOMENTUM
 from cvae_mammo.tf_startup import keras, tf
 
@@ -184,8 +189,9 @@ def build_backbone(
     ``weights`` is "imagenet" (downloaded by Keras), the path of a local
     weights file saved from the same backbone, or None (random).
     """
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
+    if name not in APPLICATION_BACKBONES:
+        raise ValueError(f"not a keras.applications backbone: {name!r}; "
+                         f"known: {', '.join(APPLICATION_BACKBONES)}")
     constructor = getattr(keras.applications, name)
     kwargs: dict[str, Any] = {"include_top": False, "weights": None, "input_shape": input_shape}
     if BACKBONES[name] != "efficientnet":  # v1 EfficientNet always includes its rescaling
@@ -222,7 +228,13 @@ def build_classifier(config: ClassifierConfig) -> keras.Model:
     validation scores mean something from the start); built under a
     tf.distribute strategy with several replicas it uses the statistics of the
     global batch, so every worker keeps the same moving averages.
+    ``backbone="LesionSegmenter"`` builds
+    :func:`~cvae_mammo.models.segmenter_classifier.build_segmenter_classifier` instead.
     """
+    if config.needs_partners:
+        from cvae_mammo.models.segmenter_classifier import build_segmenter_classifier
+
+        return build_segmenter_classifier(config)
     height, width = config.image_size
     image = keras.Input((height, width, 1), name="image")
     inputs: dict[str, Any] = {"image": image}
@@ -286,20 +298,28 @@ def set_backbone_trainable(
     Recompile the model after calling this.
     """
     backbone = backbone_of(model)
-    backbone.trainable = True
-    names = [layer.name for layer in backbone.layers]
+    backbone.trainable = True  # also every nested model (ensemble members) and its layers
+    layers = _leaf_layers(backbone)
     start = 0
     if trainable and from_layer:
-        matches = [i for i, name in enumerate(names) if name.startswith(from_layer)]
+        matches = [i for i, layer in enumerate(layers) if layer.name.startswith(from_layer)]
         if not matches:
             raise ValueError(f"{backbone.name}: no layer name starts with {from_layer!r}")
         start = matches[0]
     count = 0
-    for index, layer in enumerate(backbone.layers):
+    for index, layer in enumerate(layers):
         is_bn = isinstance(layer, keras.layers.BatchNormalization)
         layer.trainable = bool(trainable and index >= start and not (freeze_batchnorm and is_bn))
         count += int(layer.trainable and bool(layer.weights))
     return count
+
+
+def _leaf_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The layers of ``model`` in order, nested models replaced by their own layers."""
+    leaves: list[keras.layers.Layer] = []
+    for layer in model.layers:
+        leaves += _leaf_layers(layer) if isinstance(layer, keras.Model) else [layer]
+    return leaves
 
 
 def classifier_losses(config: ClassifierConfig) -> tuple[dict[str, Any], dict[str, float]]:

@@ -12,8 +12,11 @@ from typing import ClassVar
 
 from cvae_mammo.models.training_options import TrainingOptions
 
-#: Backbone name -> family. Every name is a ``keras.applications`` constructor.
+#: Backbone name -> family. Every name but ``LesionSegmenter`` is a ``keras.applications``
+#: constructor; ``LesionSegmenter`` is a CVAE run's trained lesion segmenter
+#: (:mod:`cvae_mammo.models.segmenter_classifier`), named by ``weights``.
 BACKBONES: dict[str, str] = {
+    "LesionSegmenter": "lesion_segmenter",
     "ConvNeXtTiny": "convnext",
     "ConvNeXtSmall": "convnext",
     "EfficientNetB0": "efficientnet",
@@ -27,6 +30,10 @@ BACKBONES: dict[str, str] = {
     "EfficientNetV2B3": "efficientnetv2",
     "EfficientNetV2S": "efficientnetv2",
 }
+
+#: The backbones that are ``keras.applications`` constructors.
+APPLICATION_BACKBONES: tuple[str, ...] = tuple(
+    name for name, family in BACKBONES.items() if family != "lesion_segmenter")
 
 #: Auxiliary target -> number of classes (1 = binary, sigmoid; >1 = softmax).
 AUX_TARGETS: dict[str, int] = {
@@ -64,6 +71,12 @@ class ClassifierConfig(TrainingOptions):
     :mod:`cvae_mammo.training.classifier`, ``freeze_epochs`` (epochs with the
     backbone frozen), ``freeze_batchnorm``, ``positive_fraction`` (oversampling); ``unfreeze_from`` names the first backbone layer to fine-tune (None = all),
     ``monitor`` is "auc" or "pf1" on the validation split.
+
+    ``backbone="LesionSegmenter"`` builds on a CVAE run's lesion segmenter: ``weights`` is
+    that run folder (or its ``lesion_segmenter.keras``), the model also takes the other
+    breast, and it pools the top ``top_percent`` % of the lesion map inside the breast
+    (pixels above ``mask_threshold``); ``pooling``, ``dropout``, auxiliary targets and the
+    tabular branch do not apply to it.
     """
 
     backbone: str = "EfficientNetB0"
@@ -90,6 +103,8 @@ class ClassifierConfig(TrainingOptions):
     freeze_batchnorm: bool = True
     positive_fraction: float | None = 0.25
     monitor: str = "auc"
+    top_percent: float = 1.0
+    mask_threshold: float = 0.04
 
     EXTRA_TRAINING_FIELDS: ClassVar[tuple[str, ...]] = (
         "freeze_epochs", "unfreeze_from", "freeze_batchnorm", "positive_fraction", "monitor")
@@ -115,6 +130,20 @@ class ClassifierConfig(TrainingOptions):
         checks.append(
             (not unknown_tab, f"tabular feature(s) {unknown_tab}; known: {', '.join(TABULAR_FEATURES)}")
         )
+        checks.append((0.0 < self.top_percent <= 100.0,
+                       f"top_percent {self.top_percent}: must be in (0, 100]"))
+        if self.needs_partners:
+            checks += [
+                (self.weights not in (None, "imagenet"), f"weights {self.weights!r} for "
+                 "LesionSegmenter: it needs a CVAE run folder with a lesion segmenter"),
+                (not self.aux_targets and not self.tabular_features, "aux_targets or "
+                 "tabular_features with LesionSegmenter: it has a single label head"),
+            ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"ClassifierConfig: unknown or invalid {message}")
+
+    @property
+    def needs_partners(self) -> bool:
+        """Whether the model also takes the other breast (the ``LesionSegmenter`` backbone)."""
+        return BACKBONES.get(self.backbone) == "lesion_segmenter"

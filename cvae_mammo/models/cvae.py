@@ -84,10 +84,10 @@ class CVAEConfig(TrainingOptions):
     ``lesion_steps`` above 0 trains, after the CVAE, the bilateral lesion segmenter
     (:mod:`cvae_mammo.models.lesion_segmenter`, ``lesion_filters``) for that many steps of
     ``lesion_batch_size`` at ``lesion_learning_rate``, and keeps ``lesion_snapshots`` snapshots
-    of it from the second half of training, whose lesion probabilities are averaged (1600
-    steps, snapshots at 800, 1200 and 1600 by default); ``lesion_seeds`` above 1 trains that
-    many segmenters from seeds ``seed``, ``seed + 1``, ... and averages all their snapshots
-    (a seed ensemble: each single run ranks images differently). The top-1% lesion
+    of it from the second half of training, whose lesion probabilities are averaged;
+    ``lesion_seeds`` above 1 trains that many segmenters from seeds ``seed``, ``seed + 1``,
+    ... and averages all their snapshots (a seed ensemble: each single run ranks images
+    differently). Default: 2 seeds x 800 steps, snapshots at 400, 600 and 800 of each. The top-1% lesion
     probability minus the other breast's becomes the run's score.
     """
 
@@ -120,12 +120,12 @@ class CVAEConfig(TrainingOptions):
     recon_every: int = 5
     recon_images: int = 6
     # the bilateral lesion segmenter trained after the CVAE (cvae_mammo.training.lesion_segmenter)
-    lesion_steps: int = 1600
+    lesion_steps: int = 800
     lesion_batch_size: int = 12
     lesion_filters: tuple[int, ...] = (16, 32, 48, 64)
     lesion_learning_rate: float = 5e-4
     lesion_snapshots: int = 3
-    lesion_seeds: int = 1
+    lesion_seeds: int = 2
 
     EXTRA_TRAINING_FIELDS: ClassVar[tuple[str, ...]] = (
         "recon_every", "recon_images", "lesion_steps", "lesion_batch_size", "lesion_filters",

@@ -34,6 +34,7 @@ import pandas as pd
 from cvae_mammo.config import parse_image_size
 from cvae_mammo.data.dataset import MammoDataset
 from cvae_mammo.data.metadata import MetadataEncoder
+from cvae_mammo.data.pairing import with_partners
 from cvae_mammo.data.pipeline import build_pipeline
 from cvae_mammo.errors import InputError
 from cvae_mammo.evaluation.metrics import probabilistic_f1, roc_auc
@@ -45,6 +46,7 @@ from cvae_mammo.models.classifier import (
     set_backbone_trainable,
 )
 from cvae_mammo.models.classifier_config import ClassifierConfig
+from cvae_mammo.models.segmenter_classifier import segmenter_file
 from cvae_mammo.tf_startup import keras, tf
 from cvae_mammo.training.common import (
     ResumePoint,
@@ -80,12 +82,17 @@ def resolve_config(config: ClassifierConfig | PathLike | None) -> ClassifierConf
     return ClassifierConfig.load(path)  # content problems: InputError naming the file
 
 
-def labelled_frames(dataset: MammoDataset) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Train-split and val-split images with a known label (unknown labels are left out)."""
+def labelled_frames(dataset: MammoDataset, partners: bool = False
+                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Train-split and val-split images with a known label (unknown labels are left out);
+    with ``partners``, each paired with its other breast from the same split
+    (:func:`~cvae_mammo.data.pairing.with_partners`)."""
     frames = []
     for split in ("train", "val"):
         rows = dataset.subset(split=split)
-        frames.append(rows[rows["label"].notna()])
+        labelled = rows[rows["label"].notna()]
+        frames.append(with_partners(labelled, within=rows) if partners and len(labelled)
+                      else labelled)
     train, val = frames
     if train.empty or train["label"].nunique() < 2:
         raise InputError(f"{dataset.splits_path}: the train split needs labelled positives and "
@@ -115,6 +122,17 @@ class MaximiseAsDeficit(keras.callbacks.Callback):
                 return
 
 
+def model_inputs(cfg: ClassifierConfig, batch: dict[str, Any]) -> dict[str, Any]:
+    """The classifier's inputs from a pipeline batch: the image, and the other breast
+    (``partner``) or the encoded metadata (``tabular``) when the model takes them."""
+    inputs = {"image": batch["image"]}
+    if cfg.needs_partners:
+        inputs["partner"] = batch["partner"]
+    if cfg.tabular_features:
+        inputs["tabular"] = batch["condition"]
+    return inputs
+
+
 def _target_mapper(
     cfg: ClassifierConfig, frames: list[pd.DataFrame]
 ) -> Any:
@@ -133,9 +151,7 @@ def _target_mapper(
         values = tf.constant(np.concatenate([matrix, -np.ones((1, len(aux_names)), np.float32)]))
 
     def to_model(batch: dict[str, tf.Tensor]) -> tuple[dict[str, tf.Tensor], dict[str, tf.Tensor]]:
-        inputs = {"image": batch["image"]}
-        if cfg.tabular_features:
-            inputs["tabular"] = batch["condition"]
+        inputs = model_inputs(cfg, batch)
         targets = {"label": tf.reshape(batch["label"], (-1, 1))}
         if table is not None:
             index = table.lookup(batch["image_id"])
@@ -156,11 +172,11 @@ def classifier_pipelines(
 ) -> Pipelines:
     """Training and validation datasets of ``(inputs, targets)`` in batches of ``batch_size``
     (default: the config's; the global batch when training on several replicas)."""
-    train, val = labelled_frames(dataset)
+    train, val = labelled_frames(dataset, cfg.needs_partners)
     batch_size = batch_size or cfg.batch_size
     mapper = _target_mapper(cfg, [train, val])
-    common = {"image_size": cfg.image_size, "batch_size": batch_size,
-              "conditioning": encoder, "include_ids": bool(cfg.aux_targets)}
+    common = {"image_size": cfg.image_size, "batch_size": batch_size, "conditioning": encoder,
+              "include_ids": bool(cfg.aux_targets), "partners": cfg.needs_partners}
     train_ds = build_pipeline(train, dataset.root, augment=cfg.augment, shuffle=True,
                               seed=cfg.seed, positive_fraction=cfg.positive_fraction, **common)
     per_epoch = len(train)
@@ -225,13 +241,18 @@ def fit_classifier(
     only the chief writes ``out_dir``. Raises
     :class:`~cvae_mammo.errors.TrainingDivergedError` on a NaN/inf loss.
     """
-    cfg = resolve_config(config).replace(
-        backbone=backbone, weights=weights, epochs=epochs, batch_size=batch_size,
-        image_size=None if image_size is None else parse_image_size(image_size),
-        loss=loss, freeze_epochs=freeze_epochs, precision=precision, seed=seed,
-        xla=xla_mode(xla), strategy=strategy)
+    try:
+        cfg = resolve_config(config).replace(
+            backbone=backbone, weights=weights, epochs=epochs, batch_size=batch_size,
+            image_size=None if image_size is None else parse_image_size(image_size),
+            loss=loss, freeze_epochs=freeze_epochs, precision=precision, seed=seed,
+            xla=xla_mode(xla), strategy=strategy)
+    except ValueError as error:  # an invalid combination of options: the user's input
+        raise InputError(str(error)) from error
     cfg = cfg.replace(freeze_epochs=min(cfg.freeze_epochs, cfg.epochs))
-    if cfg.weights not in (None, "imagenet") and not Path(cfg.weights).is_file():
+    if cfg.needs_partners:
+        segmenter_file(cfg.weights)  # InputError naming the path when there is none
+    elif cfg.weights not in (None, "imagenet") and not Path(cfg.weights).is_file():
         raise InputError(f"{cfg.weights}: backbone weights file not found "
                          "(use --weights imagenet, none, or a local weights file)")
     session = start_session(cfg)
@@ -242,7 +263,7 @@ def fit_classifier(
     model_part, _ = cfg.split()
     training_part = session.training_options(cfg)
     training_part.update(train="train split, known labels", validation="val split, known labels")
-    train_frame, val_frame = labelled_frames(dataset)
+    train_frame, val_frame = labelled_frames(dataset, cfg.needs_partners)
     run_dir = session.open_run(
         out_dir, run_config("classifier", cfg.image_size, model_part, training_part, encoder,
                    preprocessing=dataset_preprocessing(data_dir)),
@@ -311,10 +332,8 @@ def _finish(run_dir: Path, model: keras.Model, dataset: MammoDataset, val_frame:
     ids, probabilities = [], []
     for batch in build_pipeline(val_frame, dataset.root, image_size=cfg.image_size,
                                 batch_size=cfg.batch_size, conditioning=encoder,
-                                include_ids=True):
-        inputs = {"image": batch["image"]}
-        if cfg.tabular_features:
-            inputs["tabular"] = batch["condition"]
+                                include_ids=True, partners=cfg.needs_partners):
+        inputs = model_inputs(cfg, batch)
         probabilities.append(np.asarray(model(inputs, training=False)["label"]).reshape(-1))
         ids += [value.decode("utf-8") for value in batch["image_id"].numpy()]
     scored = pd.DataFrame({"image_id": ids, "probability": np.concatenate(probabilities)})

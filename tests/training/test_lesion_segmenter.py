@@ -20,7 +20,7 @@ def _config(**changes):
     values = {"image_size": SIZE, "filters": (8, 16), "latent_channels": 2, "epochs": 1,
               "batch_size": 16, "augment": None, "recon_every": 100, "bilateral": True,
               "lesion_steps": 150, "lesion_batch_size": 8, "lesion_filters": (8, 16),
-              "lesion_learning_rate": 2e-3}
+              "lesion_learning_rate": 2e-3, "lesion_seeds": 1}
     values.update(changes)
     return CVAEConfig.small(**values)
 
@@ -148,3 +148,51 @@ def test_a_seed_ensemble_averages_the_snapshots_of_every_seed(segmenter_run: Pat
     report = read_json(run / "lesion_validation.json")
     assert report["seeds"] == [5, 6] and set(report["loss_every_50_per_seed"]) == {"5", "6"}
     assert segmenter_done(run, config) and not segmenter_done(run, config.replace(lesion_seeds=1))
+
+
+def test_a_classifier_fine_tuned_from_the_segmenter_scores_pairs_and_maps(
+        segmenter_run: Path, dataset: Path, tmp_path: Path) -> None:
+    """fit-classifier --backbone LesionSegmenter --weights RUN: a frozen epoch (head only), one
+    fine-tuning epoch (the segmenter's convolutions move, its batch-norm statistics do not),
+    the better epoch on val kept as model.keras, then the shared predict code scores the same pairs as training did, with lesion maps."""
+    from cvae_mammo.inference.predict import predict_split
+    from cvae_mammo.models.classifier import backbone_of
+    from cvae_mammo.models.classifier_config import ClassifierConfig
+    from cvae_mammo.models.lesion_segmenter import load_lesion_segmenter
+    from cvae_mammo.training.classifier import fit_classifier
+    from cvae_mammo.training.runs import load_run_model
+
+    config = ClassifierConfig(backbone="LesionSegmenter", weights=str(segmenter_run),
+                              image_size=SIZE, epochs=2, freeze_epochs=1, batch_size=8,
+                              positive_fraction=0.3, early_stopping_patience=None)
+    run = fit_classifier(dataset, tmp_path / "clf", config=config, seed=0, run_eagerly=True,
+                         command=["test"])
+    history = pd.read_csv(run / "history.csv")
+    assert len(history) == 2 and np.isfinite(history["loss"]).all()
+    before = load_lesion_segmenter(segmenter_run)
+    after = backbone_of(load_run_model(run, run / "checkpoints" / "last.keras"))  # after epoch 2
+    moved = {w.path: not np.array_equal(a.numpy(), b.numpy())
+             for w, a, b in zip(before.weights, before.weights, after.weights)}
+    assert any(changed for path, changed in moved.items() if path.endswith("kernel"))
+    assert not any(changed for path, changed in moved.items() if "moving" in path)
+
+    scored = predict_split(run, dataset, split="val", maps_dir=tmp_path / "maps")
+    saved = pd.read_csv(run / "predictions_val.csv", dtype={"image_id": str})
+    merged = scored.merge(saved, on="image_id", suffixes=("", "_saved"))
+    assert len(merged) == len(saved) and scored["has_partner"].sum() > 0
+    np.testing.assert_allclose(merged["score"], merged["probability_saved"], rtol=1e-4, atol=1e-5)
+    assert len(list((tmp_path / "maps").glob("*.png"))) == len(saved)
+
+
+def test_the_cli_refuses_a_segmenter_classifier_without_a_segmenter(dataset: Path,
+                                                                    tmp_path: Path,
+                                                                    capsys) -> None:
+    from cvae_mammo.cli import main as cli_main
+
+    empty = tmp_path / "run_without_segmenter"
+    empty.mkdir()
+    status = cli_main(["fit-classifier", "--data", str(dataset), "--out", str(tmp_path / "x"),
+                       "--backbone", "LesionSegmenter", "--weights", str(empty),
+                       "--image-size", "64x32"])
+    assert status == 2 and "run_without_segmenter" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
