@@ -66,7 +66,6 @@ from cvae_mammo.preprocessing.geometry import circle_mask, mask_to_dataset
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mini_mias"
 FINDINGS = ("CALC", "CIRC", "SPIC", "MISC", "ARCH", "ASYM")
 TISSUES = ("F", "G", "D")
-RULE = "intensity_topk-contra"
 
 
 def mias_metadata(mias: Path, out: Path) -> Path:

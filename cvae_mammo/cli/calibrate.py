@@ -11,11 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    pass
-
 
 LOGGER = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
@@ -20,9 +20,6 @@ from cvae_mammo.data.metadata import MetadataEncoder, normalise_metadata
 from cvae_mammo.data.splits import SPLIT_COLUMNS, SPLIT_NAMES
 from cvae_mammo.errors import InputError
 from cvae_mammo.fileio import PathLike
-
-if TYPE_CHECKING:
-    pass
 
 LOGGER = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.csv"
