@@ -60,6 +60,7 @@ from cvae_mammo.models.losses import (
     pixel_nll,
 )
 from cvae_mammo.models.training_options import TrainingOptions
+from cvae_mammo.synthetic.lesions import LESION_STYLES
 from cvae_mammo.tf_startup import keras, tf, tfp
 
 tfd = tfp.distributions
@@ -88,7 +89,10 @@ class CVAEConfig(TrainingOptions):
     ``lesion_seeds`` above 1 trains that many segmenters from seeds ``seed``, ``seed + 1``,
     ... and averages all their snapshots (a seed ensemble: each single run ranks images
     differently). Default: 2 seeds x 800 steps, snapshots at 400, 600 and 800 of each. The top-1% lesion
-    probability minus the other breast's becomes the run's score.
+    probability minus the other breast's becomes the run's score. ``lesion_style`` sets how
+    the synthetic lesions it learns from draw their contrast
+    (:data:`~cvae_mammo.synthetic.lesions.LESION_STYLES`: ``shapes``, fixed ranges, or
+    ``tissue``, relative to the image's own local statistics).
     """
 
     image_size: tuple[int, int] = (1456, 728)
@@ -126,10 +130,11 @@ class CVAEConfig(TrainingOptions):
     lesion_learning_rate: float = 5e-4
     lesion_snapshots: int = 3
     lesion_seeds: int = 2
+    lesion_style: str = "shapes"
 
     EXTRA_TRAINING_FIELDS: ClassVar[tuple[str, ...]] = (
         "recon_every", "recon_images", "lesion_steps", "lesion_batch_size", "lesion_filters",
-        "lesion_learning_rate", "lesion_snapshots", "lesion_seeds")
+        "lesion_learning_rate", "lesion_snapshots", "lesion_seeds", "lesion_style")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -152,6 +157,9 @@ class CVAEConfig(TrainingOptions):
                              "(the SSIM term has no scale to learn)")
         if not 0.0 <= self.partner_dropout < 1.0:
             raise ValueError(f"partner_dropout {self.partner_dropout}: must be in [0, 1)")
+        if self.lesion_style not in LESION_STYLES:
+            raise ValueError(f"lesion_style {self.lesion_style!r}: choose one of "
+                             f"{', '.join(LESION_STYLES)}")
         if not self.filters:
             raise ValueError("filters: need at least one encoder stage")
         if (self.lesion_steps < 0 or self.lesion_batch_size < 1 or not self.lesion_filters

@@ -12,9 +12,19 @@ lesion's mask. Kinds (:data:`LESION_KINDS`, drawn with :data:`LESION_ODDS`):
 
 Sizes are in pixels of a 256-pixel-high image and scale with the image height. Unlike
 :mod:`cvae_mammo.synthetic.phantom` (whole artificial breasts for the demo), these
-lesions are added to real tissue, with contrast that shrinks where the tissue is
-already dense. :func:`jitter` misaligns the other breast (scale, shift) the way two
-breasts of one woman are never aligned. Everything random comes from the
+lesions are added to real tissue. Two styles (:data:`LESION_STYLES`) set their contrast:
+
+* ``shapes`` -- smooth profiles whose contrast is drawn from fixed ranges and shrinks where
+  the tissue is already dense (on mini-MIAS normals at 256x128 a mass is then ~2.6 local
+  standard deviations of the tissue around it, median, up to ~10);
+* ``tissue`` -- contrast drawn relative to the image's own statistics around the lesion:
+  masses 1-5 and asymmetries 0.7-3 local standard deviations (log-uniform), calcification
+  specks 2-10 times the local fine-texture amplitude, so that many are as subtle as real
+  ones; masses and asymmetries also carry the fine texture of another place of the same
+  breast, so that a smooth blob is not what marks a lesion. The mask is where the change
+  exceeds a quarter of its peak.
+
+:func:`jitter` misaligns the other breast (scale, shift) the way two breasts of one woman are never aligned. Everything random comes from the
 ``numpy.random.Generator`` passed in.
 """
 
@@ -31,6 +41,10 @@ LESION_ODDS: tuple[float, ...] = (0.25, 0.2, 0.2, 0.15, 0.2)
 REFERENCE_HEIGHT = 256
 #: A pixel whose value changed by more than this belongs to the lesion's mask.
 MASK_CHANGE = 0.02
+#: How the lesions' contrast is set (see the module docstring).
+LESION_STYLES: tuple[str, ...] = ("shapes", "tissue")
+#: ``tissue`` style: a pixel belongs to the mask where the change exceeds this share of its peak.
+RELATIVE_MASK_CHANGE = 0.25
 
 
 def _grid(shape: tuple[int, int], centre: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
@@ -84,30 +98,70 @@ def calcification_cluster(shape: tuple[int, int], centre: tuple[float, float], s
     return ndimage.gaussian_filter(specks, rng.uniform(0.3, 0.7)) * 3
 
 
+def _local_statistics(image: np.ndarray, breast: np.ndarray, centre: tuple[float, float],
+                      radius: float) -> tuple[float, float]:
+    """Standard deviation of the ``breast`` pixels (a mask away from its edge) within
+    ``radius`` of ``centre``, and of their fine texture (the image minus its Gaussian blur),
+    each at least 0.005."""
+    row, col, reach = int(centre[0]), int(centre[1]), max(3, int(radius))
+    window = (slice(max(0, row - reach), row + reach + 1), slice(max(0, col - reach),
+                                                                 col + reach + 1))
+    inside = breast[window]
+    fine = image[window] - ndimage.gaussian_filter(image, 1.5)[window]
+    return (max(0.005, float(image[window][inside].std())),
+            max(0.005, float(fine[inside].std())))
+
+
+def _texture_from_elsewhere(image: np.ndarray, sources: np.ndarray, centre: tuple[float, float],
+                            limit: float, rng: np.random.Generator) -> np.ndarray:
+    """The fine texture of ``image`` (minus its blur), clipped to +-``limit`` and moved so
+    that a random pixel of ``sources`` (a mask away from the breast's edge) lands on
+    ``centre``."""
+    rows, cols = np.nonzero(sources)
+    pick = rng.integers(len(rows))
+    fine = np.clip(image - ndimage.gaussian_filter(image, 1.5), -limit, limit)
+    shift = (round(centre[0] - rows[pick]), round(centre[1] - cols[pick]))
+    return np.roll(fine, shift, axis=(0, 1))
+
+
+def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
+    return float(np.exp(rng.uniform(np.log(low), np.log(high))))
+
+
 def add_synthetic_lesion(image: np.ndarray, rng: np.random.Generator,
-                         mask_threshold: float = 0.04, kind: str | None = None
-                         ) -> tuple[np.ndarray, np.ndarray]:
+                         mask_threshold: float = 0.04, kind: str | None = None,
+                         style: str = "shapes") -> tuple[np.ndarray, np.ndarray]:
     """``image`` with one synthetic lesion inside its breast, and the lesion's 0/1 mask.
 
     The breast is where ``image > mask_threshold``; the centre is drawn away from its
-    edge. ``kind`` (one of :data:`LESION_KINDS`) defaults to a draw with :data:`LESION_ODDS`.
+    edge. ``kind`` (one of :data:`LESION_KINDS`) defaults to a draw with :data:`LESION_ODDS`;
+    ``style`` (one of :data:`LESION_STYLES`) sets how its contrast is drawn.
     """
     image = np.ascontiguousarray(image, dtype=np.float32)
     if kind is not None and kind not in LESION_KINDS:
         raise ValueError(f"lesion kind {kind!r}: choose one of {', '.join(LESION_KINDS)}")
+    if style not in LESION_STYLES:
+        raise ValueError(f"lesion style {style!r}: choose one of {', '.join(LESION_STYLES)}")
     size = image.shape[0] / REFERENCE_HEIGHT
     breast = image > mask_threshold
     if not breast.any():
         return image, np.zeros_like(image)
     inner = ndimage.binary_erosion(breast, iterations=max(1, round(6 * size)))
-    rows, cols = np.nonzero(inner if inner.any() else breast)
+    inner = inner if inner.any() else breast
+    rows, cols = np.nonzero(inner)
     pick = rng.integers(len(rows))
     centre = (float(rows[pick]), float(cols[pick]))
     kind = kind or str(rng.choice(LESION_KINDS, p=LESION_ODDS))
+    relative = style == "tissue"
+    if relative:
+        spread, fine_spread = _local_statistics(image, inner, centre, 8 * size)
     if kind == "distortion":
         changed = swirl(image, centre, rng.uniform(6, 18) * size, rng)
     elif kind == "calcifications":
-        changed = image + calcification_cluster(image.shape, centre, rng.uniform(2, 8) * size, rng)
+        specks = calcification_cluster(image.shape, centre, rng.uniform(2, 8) * size, rng)
+        if relative:
+            specks *= _log_uniform(rng, 2, 10) * fine_spread / max(float(specks.max()), 1e-6)
+        changed = image + specks
     else:
         low, high = (8, 24) if kind == "asymmetry" else (2.5, 12)
         radii = (rng.uniform(low, high) * size, rng.uniform(low, high) * size)
@@ -115,10 +169,18 @@ def add_synthetic_lesion(image: np.ndarray, rng: np.random.Generator,
                                rng.uniform(0.5, 2))
         if kind == "spiculated":
             profile = np.maximum(profile, 0.7 * spicules(image.shape, centre, max(radii), rng))
-        gain = rng.uniform(0.04, 0.12) if kind == "asymmetry" else rng.uniform(0.06, 0.25)
-        changed = image + gain * profile * (1.3 - np.clip(image, 0.1, 1))
+        if relative:
+            contrast = (_log_uniform(rng, 0.7, 3) if kind == "asymmetry"
+                        else _log_uniform(rng, 1, 5)) * spread
+            texture = _texture_from_elsewhere(image, inner, centre, 3 * fine_spread, rng)
+            changed = image + profile * (contrast + rng.uniform(0.5, 1.5) * texture)
+        else:
+            gain = rng.uniform(0.04, 0.12) if kind == "asymmetry" else rng.uniform(0.06, 0.25)
+            changed = image + gain * profile * (1.3 - np.clip(image, 0.1, 1))
     changed = np.where(breast, np.clip(changed, 0, 1), image).astype(np.float32)
-    return changed, ((np.abs(changed - image) > MASK_CHANGE) & breast).astype(np.float32)
+    change = np.abs(changed - image)
+    floor = RELATIVE_MASK_CHANGE * float(change.max()) if relative else MASK_CHANGE
+    return changed, ((change > floor) & breast).astype(np.float32)
 
 
 def jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

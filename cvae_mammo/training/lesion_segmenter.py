@@ -7,7 +7,7 @@ other breast of the same view (looked up among all train-split images: the other
 breast's label is never read; zeros for ``partner_dropout`` of the samples and when
 there is none), both flipped top-bottom half the time and given one random gamma
 (0.8-1.25). ``lesion_rate`` of the samples get one synthetic lesion
-(:mod:`cvae_mammo.synthetic.lesions`), and the other breast is misaligned
+(:mod:`cvae_mammo.synthetic.lesions`, in the config's ``lesion_style``), and the other breast is misaligned
 (:func:`~cvae_mammo.synthetic.lesions.jitter`) so that misalignment counts as normal.
 The target is the lesion's mask; no real lesion or abnormal image is used. The saved
 model is an ensemble (:func:`~cvae_mammo.models.lesion_segmenter.ensemble_of`) of
@@ -103,7 +103,8 @@ def training_batch(pairs: PairedImages, batch_size: int, config: CVAEConfig,
         gamma = rng.uniform(0.8, 1.25)
         image, other = image ** gamma, other ** gamma
         if rng.random() < lesion_rate:
-            image, targets[i, ..., 0] = add_synthetic_lesion(image, rng, config.mask_threshold)
+            image, targets[i, ..., 0] = add_synthetic_lesion(image, rng, config.mask_threshold,
+                                                             style=config.lesion_style)
         inputs[i, ..., 0], inputs[i, ..., 1] = image, jitter(other, rng)
     return inputs, targets
 
@@ -153,7 +154,7 @@ def segmenter_settings(config: CVAEConfig) -> dict[str, object]:
     return {"steps": config.lesion_steps, "batch_size": config.lesion_batch_size,
             "filters": list(config.lesion_filters), "learning_rate": config.lesion_learning_rate,
             "snapshots": snapshot_steps(config.lesion_steps, config.lesion_snapshots),
-            "seed": config.seed, "seeds": segmenter_seeds(config)}
+            "seed": config.seed, "seeds": segmenter_seeds(config), "style": config.lesion_style}
 
 
 def _member(weights: list[np.ndarray], config: CVAEConfig, seed: int, step: int) -> keras.Model:
@@ -171,6 +172,7 @@ def segmenter_done(run_dir: PathLike, config: CVAEConfig) -> bool:
         return False
     recorded = read_json(report)
     recorded.setdefault("seeds", [recorded.get("seed")])  # runs saved before seed ensembles
+    recorded.setdefault("style", "shapes")  # and before lesion styles
     return all(recorded.get(key) == value for key, value in segmenter_settings(config).items())
 
 

@@ -61,6 +61,8 @@ def test_small_preset_stays_small_and_rejects_bad_options():
         CVAEConfig(latent="vector")
     with pytest.raises(ValueError, match="recon_loss"):
         CVAEConfig(recon_loss="bce")
+    with pytest.raises(ValueError, match="lesion_style 'real': choose one of shapes, tissue"):
+        CVAEConfig(lesion_style="real")
 
 
 def test_save_and_load_give_identical_outputs(tmp_path):

@@ -132,7 +132,7 @@ def test_a_segmenter_added_to_a_calibrated_run_resets_its_score_and_threshold(
 
 def test_a_seed_ensemble_averages_the_snapshots_of_every_seed(segmenter_run: Path, dataset: Path,
                                                               tmp_path: Path) -> None:
-    from cvae_mammo.fileio import read_json
+    from cvae_mammo.fileio import atomic_write_json, read_json
     from cvae_mammo.models.lesion_segmenter import ensemble_members, load_lesion_segmenter
     from cvae_mammo.training.lesion_segmenter import fit_lesion_segmenter, segmenter_done
 
@@ -148,6 +148,11 @@ def test_a_seed_ensemble_averages_the_snapshots_of_every_seed(segmenter_run: Pat
     report = read_json(run / "lesion_validation.json")
     assert report["seeds"] == [5, 6] and set(report["loss_every_50_per_seed"]) == {"5", "6"}
     assert segmenter_done(run, config) and not segmenter_done(run, config.replace(lesion_seeds=1))
+    assert report["style"] == "shapes"
+    assert not segmenter_done(run, config.replace(lesion_style="tissue"))
+    del report["style"]  # a run saved before lesion styles had the shapes style
+    atomic_write_json(run / "lesion_validation.json", report)
+    assert segmenter_done(run, config)
 
 
 def test_a_classifier_fine_tuned_from_the_segmenter_scores_pairs_and_maps(
