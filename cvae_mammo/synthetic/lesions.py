@@ -15,8 +15,9 @@ Sizes are in pixels of a 256-pixel-high image and scale with the image height. U
 lesions are added to real tissue. Two styles (:data:`LESION_STYLES`) set their contrast:
 
 * ``shapes`` -- smooth profiles whose contrast is drawn from fixed ranges and shrinks where
-  the tissue is already dense (on mini-MIAS normals at 256x128 a mass is then ~2.6 local
-  standard deviations of the tissue around it, median, up to ~10);
+  the tissue is already dense (on mini-MIAS normals at 256x128, median peak: masses 2.9 and
+  asymmetries 1.5 local standard deviations of the tissue around them, calcification specks
+  41 times its fine texture);
 * ``tissue`` -- contrast drawn relative to the image's own statistics around the lesion:
   masses 1-5 and asymmetries 0.7-3 local standard deviations (log-uniform), calcification
   specks 2-10 times the local fine-texture amplitude, so that many are as subtle as real
