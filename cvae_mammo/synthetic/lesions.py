@@ -25,8 +25,8 @@ lesions are added to real tissue. Two styles (:data:`LESION_STYLES`) set their c
   breast, so that a smooth blob is not what marks a lesion. The mask is where the change
   exceeds a quarter of its peak.
 
-:func:`jitter` misaligns the other breast (scale, shift) the way two breasts of one woman are never aligned. Everything random comes from the
-``numpy.random.Generator`` passed in.
+:func:`jitter` misaligns the other breast (scale, shift) the way two breasts of one woman
+are never aligned. Everything random comes from the ``numpy.random.Generator`` passed in.
 """
 
 from __future__ import annotations
@@ -99,30 +99,31 @@ def calcification_cluster(shape: tuple[int, int], centre: tuple[float, float], s
     return ndimage.gaussian_filter(specks, rng.uniform(0.3, 0.7)) * 3
 
 
-def _local_statistics(image: np.ndarray, breast: np.ndarray, centre: tuple[float, float],
-                      radius: float) -> tuple[float, float]:
+def _fine_texture(image: np.ndarray) -> np.ndarray:
+    """The image minus its Gaussian blur: the texture a lesion's own contrast is measured against."""
+    return image - ndimage.gaussian_filter(image, 1.5)
+
+
+def _local_statistics(image: np.ndarray, fine: np.ndarray, breast: np.ndarray,
+                      centre: tuple[float, float], radius: float) -> tuple[float, float]:
     """Standard deviation of the ``breast`` pixels (a mask away from its edge) within
-    ``radius`` of ``centre``, and of their fine texture (the image minus its Gaussian blur),
-    each at least 0.005."""
+    ``radius`` of ``centre``, and of their ``fine`` texture, each at least 0.005."""
     row, col, reach = int(centre[0]), int(centre[1]), max(3, int(radius))
     window = (slice(max(0, row - reach), row + reach + 1), slice(max(0, col - reach),
                                                                  col + reach + 1))
     inside = breast[window]
-    fine = image[window] - ndimage.gaussian_filter(image, 1.5)[window]
     return (max(0.005, float(image[window][inside].std())),
-            max(0.005, float(fine[inside].std())))
+            max(0.005, float(fine[window][inside].std())))
 
 
-def _texture_from_elsewhere(image: np.ndarray, sources: np.ndarray, centre: tuple[float, float],
+def _texture_from_elsewhere(fine: np.ndarray, sources: np.ndarray, centre: tuple[float, float],
                             limit: float, rng: np.random.Generator) -> np.ndarray:
-    """The fine texture of ``image`` (minus its blur), clipped to +-``limit`` and moved so
-    that a random pixel of ``sources`` (a mask away from the breast's edge) lands on
-    ``centre``."""
+    """The ``fine`` texture, clipped to +-``limit`` and moved so that a random pixel of
+    ``sources`` (a mask away from the breast's edge) lands on ``centre``."""
     rows, cols = np.nonzero(sources)
     pick = rng.integers(len(rows))
-    fine = np.clip(image - ndimage.gaussian_filter(image, 1.5), -limit, limit)
     shift = (round(centre[0] - rows[pick]), round(centre[1] - cols[pick]))
-    return np.roll(fine, shift, axis=(0, 1))
+    return np.roll(np.clip(fine, -limit, limit), shift, axis=(0, 1))
 
 
 def _log_uniform(rng: np.random.Generator, low: float, high: float) -> float:
@@ -155,7 +156,8 @@ def add_synthetic_lesion(image: np.ndarray, rng: np.random.Generator,
     kind = kind or str(rng.choice(LESION_KINDS, p=LESION_ODDS))
     relative = style == "tissue"
     if relative:
-        spread, fine_spread = _local_statistics(image, inner, centre, 8 * size)
+        fine = _fine_texture(image)
+        spread, fine_spread = _local_statistics(image, fine, inner, centre, 8 * size)
     if kind == "distortion":
         changed = swirl(image, centre, rng.uniform(6, 18) * size, rng)
     elif kind == "calcifications":
@@ -173,7 +175,7 @@ def add_synthetic_lesion(image: np.ndarray, rng: np.random.Generator,
         if relative:
             contrast = (_log_uniform(rng, 0.7, 3) if kind == "asymmetry"
                         else _log_uniform(rng, 1, 5)) * spread
-            texture = _texture_from_elsewhere(image, inner, centre, 3 * fine_spread, rng)
+            texture = _texture_from_elsewhere(fine, inner, centre, 3 * fine_spread, rng)
             changed = image + profile * (contrast + rng.uniform(0.5, 1.5) * texture)
         else:
             gain = rng.uniform(0.04, 0.12) if kind == "asymmetry" else rng.uniform(0.06, 0.25)

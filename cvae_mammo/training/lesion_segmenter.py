@@ -7,8 +7,9 @@ other breast of the same view (looked up among all train-split images: the other
 breast's label is never read; zeros for ``partner_dropout`` of the samples and when
 there is none), both flipped top-bottom half the time and given one random gamma
 (0.8-1.25). ``lesion_rate`` of the samples get one synthetic lesion
-(:mod:`cvae_mammo.synthetic.lesions`, in the config's ``lesion_style``), and the other breast is misaligned
-(:func:`~cvae_mammo.synthetic.lesions.jitter`) so that misalignment counts as normal.
+(:mod:`cvae_mammo.synthetic.lesions`, in the config's ``lesion_style``), and the other
+breast is misaligned (:func:`~cvae_mammo.synthetic.lesions.jitter`) so that misalignment
+counts as normal.
 The target is the lesion's mask; no real lesion or abnormal image is used. The saved
 model is an ensemble (:func:`~cvae_mammo.models.lesion_segmenter.ensemble_of`) of
 ``lesion_snapshots`` snapshots taken over the second half of training
