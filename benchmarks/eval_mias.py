@@ -20,8 +20,9 @@ The protocol, in the order the script follows it:
 2. **Choice on validation only**: every candidate's ROC-AUC over the pooled inner validation
    women of all folds (each scored by its own fold's models) is printed, and the best
    candidate is taken. No test score is computed before this step.
-3. **Out-of-fold, once**: the chosen score, the library default, each seed's default and the
-   rule on the held-out women (folds pooled; each fold standardised by its val normals),
+3. **Out-of-fold, once**: the chosen score, the library default, each seed's default, the
+   rule and what ``calibrate --select-score`` gives a user (its choice among the run's
+   candidate scores, made per fold on that fold's val women alone) on the held-out women (folds pooled; each fold standardised by its val normals),
    ROC-AUC with a 1000-resample patient-bootstrap 95% CI, the paired bootstrap difference
    to the rule, per fold, per finding and tissue, and localisation (the share of abnormal
    images with coordinates whose top-1% map region touches the annotated circle, against
@@ -66,6 +67,9 @@ from cvae_mammo.preprocessing.geometry import circle_mask, mask_to_dataset
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mini_mias"
 FINDINGS = ("CALC", "CIRC", "SPIC", "MISC", "ARCH", "ASYM")
 TISSUES = ("F", "G", "D")
+#: The column of what ``calibrate --select-score`` gives a user: chosen per fold on its own
+#: ~20 val women among every candidate score of the run; reported, never the nested choice.
+SELECT_SCORE = "select-score"
 
 
 def mias_metadata(mias: Path, out: Path) -> Path:
@@ -157,8 +161,9 @@ def candidate_scores(run_dir: Path, fold_data: Path, rule_weights: list[float],
                      with_cvae: bool) -> pd.DataFrame:
     """Val and test rows of one fold with every declared score, each standardised by the
     fold's val normals scored by the same model: ``<variant> w=<w>`` (segmenter score plus
-    ``w`` times the rule), ``rule`` and, ``with_cvae``, ``cvae`` (mean NLL minus the other
-    breast's)."""
+    ``w`` times the rule), ``rule``, :data:`SELECT_SCORE` (what ``calibrate --select-score``
+    chooses on the fold's val women; its name in ``"select-score choice"``) and, ``with_cvae``,
+    ``cvae`` (mean NLL minus the other breast's)."""
     from cvae_mammo.inference.predict import load_predictor, predict_split
     from cvae_mammo.inference.scoring import (
         INTENSITY_SCORE,
@@ -166,6 +171,7 @@ def candidate_scores(run_dir: Path, fold_data: Path, rule_weights: list[float],
         final_scores,
         fit_reference,
         segmenter_scoring,
+        select_scoring,
     )
 
     predictor = load_predictor(run_dir)
@@ -177,6 +183,8 @@ def candidate_scores(run_dir: Path, fold_data: Path, rule_weights: list[float],
                                        predictor=predictor) for split in ("val", "test")}
         reference = fit_reference(scored["val"][scored["val"]["label"] == 0])
         base = segmenter_scoring().replace(reference=reference)
+        if variant == "ensemble":  # what `calibrate --select-score` picks on this fold's val
+            selected, selection_aucs = select_scoring(scored["val"], base)
         for split, rows in scored.items():
             frame = frames.setdefault(split, rows[keep].assign(split=split))
             for weight in rule_weights:
@@ -186,6 +194,8 @@ def candidate_scores(run_dir: Path, fold_data: Path, rule_weights: list[float],
             if variant == "ensemble":
                 frame["rule"] = final_scores(rows, base.replace(
                     weights={INTENSITY_SCORE: 1.0})).to_numpy()
+                frame[SELECT_SCORE] = final_scores(rows, selected).to_numpy()
+                frame[f"{SELECT_SCORE} choice"] = max(selection_aucs, key=selection_aucs.get)
                 if with_cvae:
                     frame["cvae"] = final_scores(rows, ScoringConfig(reference=reference)
                                                  ).to_numpy()
@@ -359,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     candidates = [f"ensemble w={w:g}" for w in args.rule_weights]
     seeds = sorted({c.split(" w=")[0] for c in scores if c.startswith("seed ")})
     spread = [f"{seed} w={w:g}" for seed in seeds for w in args.rule_weights]
-    comparators = ["rule"] + [name for name in ("cvae", "classifier") if name in scores]
+    comparators = ["rule"] + [name for name in (SELECT_SCORE, "cvae", "classifier")
+                              if name in scores]
 
     # 2. the choice, on the pooled inner validation women only
     validation = auc_table(val, candidates + spread + comparators)
@@ -390,13 +401,15 @@ def main(argv: list[str] | None = None) -> int:
         "chosen_minus_rule": {"difference": difference, "ci": interval,
                               f"p_difference_le_{args.margin:g}": share},
         "seed_spread": (max(seed_aucs) - min(seed_aucs)) if seed_aucs else None,
+        "select_score_choices": test.groupby("fold")[f"{SELECT_SCORE} choice"].first().to_dict(),
         "breakdown": {name: breakdown(test, name, args.mias) for name in (chosen, "rule")},
         "localisation": {"images": len(located),
                          "hit_fraction": float(located["hit"].mean()) if len(located) else None,
                          "chance": float(located["chance"].mean()) if len(located) else None},
     }
     atomic_write_json(args.out / "summary.json", summary)
-    for key in ("per_fold", "chosen_minus_rule", "seed_spread", "breakdown", "localisation"):
+    for key in ("per_fold", "chosen_minus_rule", "seed_spread", "select_score_choices",
+                "breakdown", "localisation"):
         print(f"{key}: {summary[key]}")
     return 0
 

@@ -70,6 +70,24 @@ def test_the_choice_is_the_best_candidate_on_inner_validation(evaluation: Path) 
     assert summary["seed_spread"] >= 0
 
 
+def test_select_score_is_the_commands_choice_on_the_folds_validation(evaluation: Path) -> None:
+    """The select-score row is what `calibrate --select-score` picks on the fold's val women:
+    one of its candidates, never worse there than the default (itself a candidate)."""
+    from cvae_mammo.inference.scoring import (
+        INTENSITY_SCORE,
+        SELECTABLE,
+        scoring_candidates,
+        segmenter_scoring,
+    )
+
+    summary = json.loads((evaluation / "summary.json").read_text())
+    every_candidate = scoring_candidates(segmenter_scoring(), [*SELECTABLE, INTENSITY_SCORE])
+    assert summary["select_score_choices"]["0"] in every_candidate
+    validation = {row["score"]: row["auc"] for row in summary["validation"]}
+    assert validation["select-score"] >= validation["ensemble w=0"] - 1e-12
+    assert "select-score" in {row["score"] for row in summary["out_of_fold"]}
+
+
 def test_out_of_fold_rows_are_held_out_women_scored_once(evaluation: Path) -> None:
     from cvae_mammo.evaluation.metrics import roc_auc
 
