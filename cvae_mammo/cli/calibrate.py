@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="anomaly runs: also choose the score (each map's mean/top-k: lesion "
                              "segmenter, NLL, excess, KL, feature density; -ELBO; "
                              "with or without the other breast's, alone or with the brightest-"
-                             "tissue rule) with the best ROC-AUC on --split")
+                             "tissue rule) with the best ROC-AUC on --split; it needs many "
+                             "validation women: on ~20 it overfits (README 'Measured')")
 
 
 def run(args: argparse.Namespace) -> int:
