@@ -23,8 +23,8 @@ The protocol, in the order the script follows it:
 3. **Out-of-fold, once**: the chosen score, the library default, each seed's default, the
    rule and what ``calibrate --select-score`` gives a user (its choice among the run's
    candidate scores, made per fold on that fold's val women alone) on the held-out women
-   (folds pooled; each fold standardised by its val normals), ROC-AUC with a 1000-resample patient-bootstrap 95% CI, the paired bootstrap difference
-   to the rule, per fold, per finding and tissue, and localisation (the share of abnormal
+   (folds pooled; each fold standardised by its val normals), ROC-AUC with a 1000-resample
+   patient-bootstrap 95% CI, the paired bootstrap difference to the rule, per fold, per finding and tissue, and localisation (the share of abnormal
    images with coordinates whose top-1% map region touches the annotated circle, against
    the share expected by chance).
 
