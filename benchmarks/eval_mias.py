@@ -20,13 +20,13 @@ The protocol, in the order the script follows it:
 2. **Choice on validation only**: every candidate's ROC-AUC over the pooled inner validation
    women of all folds (each scored by its own fold's models) is printed, and the best
    candidate is taken. No test score is computed before this step.
-3. **Out-of-fold, once**: the chosen score, the library default, each seed's default, the
-   rule and what ``calibrate --select-score`` gives a user (its choice among the run's
-   candidate scores, made per fold on that fold's val women alone) on the held-out women
-   (folds pooled; each fold standardised by its val normals), ROC-AUC with a 1000-resample
-   patient-bootstrap 95% CI, the paired bootstrap difference to the rule, per fold, per finding and tissue, and localisation (the share of abnormal
-   images with coordinates whose top-1% map region touches the annotated circle, against
-   the share expected by chance).
+3. **Out-of-fold, once**: the chosen score, the library default, each seed's default, the rule
+   and what ``calibrate --select-score`` gives a user (its choice among the run's candidate
+   scores, made per fold on that fold's val women alone) on the held-out women (folds pooled;
+   each fold standardised by its val normals), ROC-AUC with a 1000-resample patient-bootstrap
+   95% CI, the paired bootstrap difference to the rule, per fold, per finding and tissue, and
+   localisation (the share of abnormal images with coordinates whose top-1% map region touches
+   the annotated circle, against the share expected by chance).
 
 ``--classifier FILE`` also fine-tunes the companion classifier of that ClassifierConfig from
 each fold's segmenter (backbone ``LesionSegmenter``, early stopping on the inner validation
