@@ -140,9 +140,9 @@ def segmenter_variants(run_dir: Path) -> dict[str, object]:
     """``"ensemble"``: the run's saved segmenter; for a seed ensemble also ``"seed S"``: the
     members of seed S alone (what a single-seed run with that seed saves)."""
     from cvae_mammo.models.lesion_segmenter import (
-        ensemble_members,
         ensemble_of,
         load_lesion_segmenter,
+        members_of_seed,
     )
     from cvae_mammo.training.lesion_segmenter import VALIDATION_FILE
 
@@ -150,10 +150,8 @@ def segmenter_variants(run_dir: Path) -> dict[str, object]:
     variants: dict[str, object] = {"ensemble": full}
     seeds = read_json(run_dir / VALIDATION_FILE).get("seeds", [])
     if len(seeds) > 1:
-        members = ensemble_members(full)
         for seed in seeds:
-            own = [m for m in members if m.name.startswith(f"lesion_segmenter_seed_{seed}_")]
-            variants[f"seed {seed}"] = ensemble_of(own)
+            variants[f"seed {seed}"] = ensemble_of(members_of_seed(full, seed))
     return variants
 
 

@@ -68,6 +68,9 @@ tfd = tfp.distributions
 LATENT_KINDS: tuple[str, ...] = ("spatial", "dense")
 #: How the decoder's per-pixel scale is set: the constant ``recon_scale``, or predicted.
 SCALE_KINDS: tuple[str, ...] = ("fixed", "learned")
+#: ``lesion_style`` values: one synthetic-lesion style for every seed, or ``mixed``.
+MIXED_STYLE = "mixed"
+SEGMENTER_STYLES: tuple[str, ...] = (*LESION_STYLES, MIXED_STYLE)
 
 
 @dataclasses.dataclass
@@ -92,7 +95,8 @@ class CVAEConfig(TrainingOptions):
     probability minus the other breast's becomes the run's score. ``lesion_style`` sets how
     the synthetic lesions it learns from draw their contrast
     (:data:`~cvae_mammo.synthetic.lesions.LESION_STYLES`: ``shapes``, fixed ranges, or
-    ``tissue``, relative to the image's own local statistics).
+    ``tissue``, relative to the image's own local statistics); ``mixed`` gives the seeds of
+    the ensemble ``shapes`` and ``tissue`` in turn (seed ``seed`` ``shapes``).
     """
 
     image_size: tuple[int, int] = (1456, 728)
@@ -157,9 +161,9 @@ class CVAEConfig(TrainingOptions):
                              "(the SSIM term has no scale to learn)")
         if not 0.0 <= self.partner_dropout < 1.0:
             raise ValueError(f"partner_dropout {self.partner_dropout}: must be in [0, 1)")
-        if self.lesion_style not in LESION_STYLES:
+        if self.lesion_style not in SEGMENTER_STYLES:
             raise ValueError(f"lesion_style {self.lesion_style!r}: choose one of "
-                             f"{', '.join(LESION_STYLES)}")
+                             f"{', '.join(SEGMENTER_STYLES)}")
         if not self.filters:
             raise ValueError("filters: need at least one encoder stage")
         if (self.lesion_steps < 0 or self.lesion_batch_size < 1 or not self.lesion_filters

@@ -82,6 +82,17 @@ def ensemble_members(model: keras.Model) -> list[keras.Model]:
     return members or [model]
 
 
+def member_name(seed: int, step: int) -> str:
+    """The name of the snapshot of seed ``seed``'s segmenter at training step ``step``."""
+    return f"lesion_segmenter_seed_{seed}_step_{step}"
+
+
+def members_of_seed(model: keras.Model, seed: int) -> list[keras.Model]:
+    """The snapshots of seed ``seed`` among an ensemble's members (:func:`member_name`)."""
+    prefix = member_name(seed, 0).removesuffix("0")
+    return [member for member in ensemble_members(model) if member.name.startswith(prefix)]
+
+
 def segmentation_loss(targets: keras.KerasTensor, logits: keras.KerasTensor) -> keras.KerasTensor:
     """Lesion-weighted (10x) binary cross-entropy plus soft Dice over the samples with a lesion."""
     ops = keras.ops

@@ -7,7 +7,7 @@ other breast of the same view (looked up among all train-split images: the other
 breast's label is never read; zeros for ``partner_dropout`` of the samples and when
 there is none), both flipped top-bottom half the time and given one random gamma
 (0.8-1.25). ``lesion_rate`` of the samples get one synthetic lesion
-(:mod:`cvae_mammo.synthetic.lesions`, in the config's ``lesion_style``), and the other
+(:mod:`cvae_mammo.synthetic.lesions`, in the seed's style, :func:`seed_styles`), and the other
 breast is misaligned (:func:`~cvae_mammo.synthetic.lesions.jitter`) so that misalignment
 counts as normal.
 The target is the lesion's mask; no real lesion or abnormal image is used. The saved
@@ -18,10 +18,14 @@ images very differently (ROC-AUC 0.75, 0.78, 0.74 at steps 800, 1200, 1600), the
 better than any (0.79).
 
 Writes into the run folder ``lesion_segmenter.keras``, ``lesion_validation.json``
-(pixel ROC-AUC of synthetic lesions pasted into the val negatives, loss curve) and
+(pixel ROC-AUC of synthetic lesions pasted into the val negatives, loss curves, the
+settings and the split file's SHA-256) and
 ``scoring.json`` selecting the ``lesion_topk`` score (mean of the top 1% lesion
 probability inside the breast, minus the other breast's), which ``calibrate`` then
-standardises; a ``threshold.json`` set for the run's previous score is removed. Logs
+standardises; a ``threshold.json`` set for the run's previous score is removed. A seed
+whose segmenter the run already holds, trained with the same settings, style and split file
+(:func:`reusable_members`), is kept rather than trained again: changing ``lesion_seeds`` or
+``lesion_style`` retrains only the seeds that change. Logs
 progress every ``log_every`` steps; stops with
 :class:`~cvae_mammo.errors.TrainingDivergedError` on a NaN/inf loss.
 """
@@ -43,18 +47,21 @@ from cvae_mammo.errors import InputError, TrainingDivergedError
 from cvae_mammo.fileio import PathLike, atomic_write_json, read_json
 from cvae_mammo.inference.predict import THRESHOLD_FILE
 from cvae_mammo.inference.scoring import SCORING_FILE, segmenter_scoring
-from cvae_mammo.models.cvae import CVAEConfig
+from cvae_mammo.models.cvae import MIXED_STYLE, CVAEConfig
 from cvae_mammo.models.lesion_segmenter import (
     SEGMENTER_FILE,
     build_lesion_segmenter,
     ensemble_of,
     lesion_probability,
+    load_lesion_segmenter,
+    member_name,
+    members_of_seed,
     segmentation_loss,
 )
-from cvae_mammo.synthetic.lesions import add_synthetic_lesion, jitter
+from cvae_mammo.synthetic.lesions import LESION_STYLES, add_synthetic_lesion, jitter
 from cvae_mammo.tf_startup import keras
 from cvae_mammo.training.common import save_model_atomically
-from cvae_mammo.training.runs import read_run_config
+from cvae_mammo.training.runs import METADATA_NAME, dataset_hashes, read_run_config
 
 LOGGER = logging.getLogger(__name__)
 VALIDATION_FILE = "lesion_validation.json"
@@ -90,9 +97,10 @@ class PairedImages:
 
 
 def training_batch(pairs: PairedImages, batch_size: int, config: CVAEConfig,
-                   rng: np.random.Generator, lesion_rate: float = 0.7
+                   rng: np.random.Generator, style: str, lesion_rate: float = 0.7
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs ``[B, H, W, 2]`` (image, other breast) and lesion masks ``[B, H, W, 1]``."""
+    """Inputs ``[B, H, W, 2]`` (image, other breast) and lesion masks ``[B, H, W, 1]``, the
+    lesions drawn in ``style`` (one of :data:`~cvae_mammo.synthetic.lesions.LESION_STYLES`)."""
     inputs = np.zeros((batch_size, *config.image_size, 2), np.float32)
     targets = np.zeros((batch_size, *config.image_size, 1), np.float32)
     for i in range(batch_size):
@@ -105,7 +113,7 @@ def training_batch(pairs: PairedImages, batch_size: int, config: CVAEConfig,
         image, other = image ** gamma, other ** gamma
         if rng.random() < lesion_rate:
             image, targets[i, ..., 0] = add_synthetic_lesion(image, rng, config.mask_threshold,
-                                                             style=config.lesion_style)
+                                                             style=style)
         inputs[i, ..., 0], inputs[i, ..., 1] = image, jitter(other, rng)
     return inputs, targets
 
@@ -124,11 +132,13 @@ def segmenter_frames(dataset: MammoDataset) -> tuple[pd.DataFrame, pd.DataFrame]
 
 
 def synthetic_lesion_auc(model: keras.Model, pairs: PairedImages, config: CVAEConfig,
-                         seed: int, samples: int = 24) -> float:
-    """Pixel ROC-AUC of the segmenter on synthetic lesions pasted into ``pairs``' images."""
+                         seed: int, style: str, samples: int = 24) -> float:
+    """Pixel ROC-AUC of the segmenter on ``style`` synthetic lesions pasted into ``pairs``'
+    images."""
     from sklearn.metrics import roc_auc_score
 
-    inputs, targets = training_batch(pairs, samples, config, np.random.default_rng(seed + 1))
+    inputs, targets = training_batch(pairs, samples, config, np.random.default_rng(seed + 1),
+                                     style)
     probability = lesion_probability(model, inputs[..., 0], inputs[..., 1])
     if targets.min() == targets.max():
         return float("nan")
@@ -150,37 +160,84 @@ def segmenter_seeds(config: CVAEConfig) -> list[int]:
     return [config.seed + k for k in range(config.lesion_seeds)]
 
 
+def seed_styles(config: CVAEConfig) -> dict[int, str]:
+    """The synthetic-lesion style each seed's segmenter learns from: ``lesion_style``, or for
+    ``mixed`` the :data:`~cvae_mammo.synthetic.lesions.LESION_STYLES` in turn (``seed``
+    itself ``shapes``, ``seed + 1`` ``tissue``, ...)."""
+    seeds = segmenter_seeds(config)
+    if config.lesion_style != MIXED_STYLE:
+        return dict.fromkeys(seeds, config.lesion_style)
+    return {seed: LESION_STYLES[k % len(LESION_STYLES)] for k, seed in enumerate(seeds)}
+
+
+#: The settings every member of a segmenter ensemble shares.
+_SHARED_SETTINGS = ("steps", "batch_size", "filters", "learning_rate", "snapshots")
+
+
 def segmenter_settings(config: CVAEConfig) -> dict[str, object]:
     """The options a trained segmenter is recorded with (in ``lesion_validation.json``)."""
     return {"steps": config.lesion_steps, "batch_size": config.lesion_batch_size,
             "filters": list(config.lesion_filters), "learning_rate": config.lesion_learning_rate,
             "snapshots": snapshot_steps(config.lesion_steps, config.lesion_snapshots),
-            "seed": config.seed, "seeds": segmenter_seeds(config), "style": config.lesion_style}
+            "seed": config.seed, "seeds": segmenter_seeds(config), "style": config.lesion_style,
+            "styles": {str(seed): style for seed, style in seed_styles(config).items()}}
+
+
+def recorded_settings(run_dir: PathLike) -> dict[str, object] | None:
+    """The settings ``run_dir``'s saved segmenter was trained with (None without one), with
+    the defaults of runs saved before seed ensembles (one seed), lesion styles (``shapes``)
+    and per-seed styles (the run's style for every seed)."""
+    run_dir = Path(run_dir)
+    report = run_dir / VALIDATION_FILE
+    if not (run_dir / SEGMENTER_FILE).is_file() or not report.is_file():
+        return None
+    recorded = read_json(report)
+    recorded.setdefault("seeds", [recorded.get("seed")])
+    recorded.setdefault("style", "shapes")
+    recorded.setdefault("styles", {str(seed): recorded["style"] for seed in recorded["seeds"]})
+    if "splits_sha256" not in recorded and (run_dir / METADATA_NAME).is_file():
+        recorded["splits_sha256"] = read_json(run_dir / METADATA_NAME).get("splits_sha256")
+    return recorded
 
 
 def _member(weights: list[np.ndarray], config: CVAEConfig, seed: int, step: int) -> keras.Model:
     member = build_lesion_segmenter(config.image_size, config.lesion_filters,
-                                    name=f"lesion_segmenter_seed_{seed}_step_{step}")
+                                    name=member_name(seed, step))
     member.set_weights(weights)
     return member
 
 
 def segmenter_done(run_dir: PathLike, config: CVAEConfig) -> bool:
     """Whether ``run_dir`` already holds a segmenter trained with ``config``'s settings."""
-    run_dir = Path(run_dir)
-    report = run_dir / VALIDATION_FILE
-    if not (run_dir / SEGMENTER_FILE).is_file() or not report.is_file():
-        return False
-    recorded = read_json(report)
-    recorded.setdefault("seeds", [recorded.get("seed")])  # runs saved before seed ensembles
-    recorded.setdefault("style", "shapes")  # and before lesion styles
-    return all(recorded.get(key) == value for key, value in segmenter_settings(config).items())
+    recorded = recorded_settings(run_dir)
+    return recorded is not None and all(recorded.get(key) == value for key, value
+                                        in segmenter_settings(config).items())
 
 
-def train_segmenter_snapshots(pairs: PairedImages, config: CVAEConfig, seed: int,
+def reusable_members(run_dir: PathLike, config: CVAEConfig,
+                     data_dir: PathLike) -> dict[int, list[keras.Model]]:
+    """The snapshots, per seed, of the run's saved segmenter that ``config`` would train
+    again on ``data_dir``: the same shared settings and split file, and that seed with the
+    same style. Empty when there are none."""
+    recorded = recorded_settings(run_dir)
+    wanted = segmenter_settings(config)
+    if (recorded is None or any(recorded.get(key) != wanted[key] for key in _SHARED_SETTINGS)
+            or recorded.get("splits_sha256") != dataset_hashes(data_dir)["splits_sha256"]):
+        return {}
+    styles = recorded["styles"]
+    same = [seed for seed, style in seed_styles(config).items()
+            if seed in recorded["seeds"] and styles.get(str(seed)) == style]
+    if not same:
+        return {}
+    saved = load_lesion_segmenter(Path(run_dir))
+    return {seed: members_of_seed(saved, seed) for seed in same}
+
+
+def train_segmenter_snapshots(pairs: PairedImages, config: CVAEConfig, seed: int, style: str,
                               label: str = "lesion segmenter", log_every: int = 50
                               ) -> tuple[dict[int, list[np.ndarray]], list[float]]:
-    """Train one segmenter from ``seed`` for ``config.lesion_steps`` steps on ``pairs``.
+    """Train one segmenter from ``seed`` for ``config.lesion_steps`` steps on ``pairs``, its
+    synthetic lesions in ``style``.
 
     Returns the weights at each :func:`snapshot_steps` step and the loss of every step;
     raises :class:`~cvae_mammo.errors.TrainingDivergedError` on a NaN/inf loss.
@@ -194,7 +251,7 @@ def train_segmenter_snapshots(pairs: PairedImages, config: CVAEConfig, seed: int
     started, losses, snapshots = time.perf_counter(), [], {}
     for step in range(1, config.lesion_steps + 1):
         loss = float(model.train_on_batch(*training_batch(pairs, config.lesion_batch_size,
-                                                          config, rng)))
+                                                          config, rng, style)))
         if not np.isfinite(loss):
             raise TrainingDivergedError(f"{label} loss is {loss} at step {step}; nothing was "
                                         "saved")
@@ -228,28 +285,43 @@ def fit_lesion_segmenter(run_dir: PathLike, data_dir: PathLike,
     dataset = MammoDataset.open(data_dir)
     train, val = segmenter_frames(dataset)
     pairs = PairedImages(train, dataset.root, config.image_size)
-    seeds = segmenter_seeds(config)
+    styles = seed_styles(config)
+    seeds = list(styles)
     LOGGER.info("lesion segmenter: %d train negatives (%d with the other breast), %d steps of %d, "
                 "seeds %s", len(train), int(train["has_partner"].sum()), config.lesion_steps,
-                config.lesion_batch_size, seeds)
-    started, members, losses = time.perf_counter(), [], {}
-    for seed in seeds:
-        label = f"{run_dir}: lesion segmenter (seed {seed})"
-        snapshots, losses[seed] = train_segmenter_snapshots(pairs, config, seed, label, log_every)
+                config.lesion_batch_size, styles)
+    reused = reusable_members(run_dir, config, data_dir)
+    earlier = recorded_settings(run_dir) if reused else {}
+    started, members, curves = time.perf_counter(), [], {}
+    for seed, style in styles.items():
+        if seed in reused:
+            LOGGER.info("%s: lesion segmenter (seed %d, %s) already trained with these settings: "
+                        "kept", run_dir, seed, style)
+            members += reused[seed]
+            curves[str(seed)] = _earlier_curve(earlier, seed)
+            continue
+        label = f"{run_dir}: lesion segmenter (seed {seed}, {style})"
+        snapshots, losses = train_segmenter_snapshots(pairs, config, seed, style, label,
+                                                      log_every)
         members += [_member(weights, config, seed, step) for step, weights in snapshots.items()]
+        curves[str(seed)] = _every_50(losses)
     model = ensemble_of(members)
     save_model_atomically(model, run_dir / SEGMENTER_FILE)
     report = {**segmenter_settings(config), "seconds": round(time.perf_counter() - started, 1),
-              "train_negatives": len(train), "loss_every_50": _every_50(losses[seeds[0]])}
+              "reused_seeds": sorted(reused), "train_negatives": len(train),
+              "splits_sha256": dataset_hashes(data_dir)["splits_sha256"],
+              "loss_every_50": curves[str(seeds[0])]}
     if len(seeds) > 1:
-        report["loss_every_50_per_seed"] = {str(seed): _every_50(curve)
-                                            for seed, curve in losses.items()}
+        report["loss_every_50_per_seed"] = curves
     if not val.empty:
         report["val_negatives"] = len(val)
-        report["synthetic_lesion_pixel_roc_auc"] = synthetic_lesion_auc(
-            model, PairedImages(val, dataset.root, config.image_size), config, config.seed)
-        LOGGER.info("lesion segmenter: synthetic lesions in the val negatives, pixel ROC-AUC %.3f",
-                    report["synthetic_lesion_pixel_roc_auc"])
+        val_pairs = PairedImages(val, dataset.root, config.image_size)
+        per_style = {style: synthetic_lesion_auc(model, val_pairs, config, config.seed, style)
+                     for style in dict.fromkeys(styles.values())}
+        report["synthetic_lesion_pixel_roc_auc"] = float(np.mean(list(per_style.values())))
+        report["synthetic_lesion_pixel_roc_auc_per_style"] = per_style
+        LOGGER.info("lesion segmenter: synthetic lesions in the val negatives, pixel ROC-AUC %s",
+                    ", ".join(f"{auc:.3f} ({style})" for style, auc in per_style.items()))
     atomic_write_json(run_dir / VALIDATION_FILE, report)
     segmenter_scoring().save(run_dir / SCORING_FILE)
     stale = run_dir / THRESHOLD_FILE
@@ -258,6 +330,14 @@ def fit_lesion_segmenter(run_dir: PathLike, data_dir: PathLike,
         LOGGER.warning("%s: removed %s, set for the previous score; run calibrate again",
                        run_dir, THRESHOLD_FILE)
     return run_dir / SEGMENTER_FILE
+
+
+def _earlier_curve(recorded: dict[str, object], seed: int) -> list[float]:
+    """Seed ``seed``'s loss curve as an earlier report recorded it (empty when it did not)."""
+    per_seed = recorded.get("loss_every_50_per_seed") or {}
+    if str(seed) in per_seed:
+        return per_seed[str(seed)]
+    return recorded.get("loss_every_50", []) if recorded["seeds"][0] == seed else []
 
 
 def _every_50(losses: list[float]) -> list[float]:

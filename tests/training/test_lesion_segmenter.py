@@ -111,7 +111,7 @@ def test_a_diverging_segmenter_stops_and_saves_nothing(segmenter_run: Path, data
     run = tmp_path / "run"
     shutil.copytree(segmenter_run, run)
     (run / SEGMENTER_FILE).unlink()
-    with pytest.raises(TrainingDivergedError, match=r"lesion segmenter \(seed 0\) loss is"):
+    with pytest.raises(TrainingDivergedError, match=r"lesion segmenter \(seed 0, shapes\) loss is"):
         fit_lesion_segmenter(run, dataset, _config(lesion_learning_rate=1e30, lesion_steps=40))
     assert not (run / SEGMENTER_FILE).exists()
 
