@@ -155,6 +155,45 @@ def test_a_seed_ensemble_averages_the_snapshots_of_every_seed(segmenter_run: Pat
     assert segmenter_done(run, config)
 
 
+def test_a_mixed_ensemble_alternates_styles_and_keeps_the_seeds_it_already_has(
+        segmenter_run: Path, dataset: Path, tmp_path: Path) -> None:
+    """lesion_style mixed: seeds S, S+1, S+2 learn from shapes, tissue, shapes. Adding a seed
+    trains only that one; another split file retrains them all."""
+    from cvae_mammo.fileio import read_json
+    from cvae_mammo.models.lesion_segmenter import load_lesion_segmenter, members_of_seed
+    from cvae_mammo.training.lesion_segmenter import fit_lesion_segmenter, seed_styles
+
+    run = tmp_path / "run"
+    shutil.copytree(segmenter_run, run)
+    config = _config(lesion_steps=4, lesion_seeds=2, seed=5, lesion_style="mixed")
+    assert seed_styles(config.replace(lesion_seeds=3)) == {5: "shapes", 6: "tissue", 7: "shapes"}
+    fit_lesion_segmenter(run, dataset, config)
+    report = read_json(run / "lesion_validation.json")
+    assert report["styles"] == {"5": "shapes", "6": "tissue"} and report["reused_seeds"] == []
+    assert set(report["synthetic_lesion_pixel_roc_auc_per_style"]) == {"shapes", "tissue"}
+    before = {seed: [m.get_weights() for m in members_of_seed(load_lesion_segmenter(run), seed)]
+              for seed in (5, 6)}
+
+    fit_lesion_segmenter(run, dataset, config.replace(lesion_seeds=3))
+    report = read_json(run / "lesion_validation.json")
+    assert report["reused_seeds"] == [5, 6] and report["seeds"] == [5, 6, 7]
+    assert set(report["loss_every_50_per_seed"]) == {"5", "6", "7"}
+    saved = load_lesion_segmenter(run)
+    assert saved.output.shape[-1] == 9
+    for seed, weights in before.items():
+        kept = [m.get_weights() for m in members_of_seed(saved, seed)]
+        assert all(np.array_equal(a, b) for old, new in zip(weights, kept)
+                   for a, b in zip(old, new))
+
+    other = tmp_path / "other_splits"
+    shutil.copytree(dataset, other, symlinks=True)
+    splits = pd.read_csv(other / "splits.csv", dtype=str, keep_default_na=False)
+    moved = splits.loc[splits["split"] == "train", "patient_id"].iloc[0]
+    splits.loc[splits["patient_id"] == moved, "split"] = "val"  # one woman moves to val
+    splits.to_csv(other / "splits.csv", index=False)
+    fit_lesion_segmenter(run, other, config.replace(lesion_seeds=3))
+    assert read_json(run / "lesion_validation.json")["reused_seeds"] == []
+
 def test_a_classifier_fine_tuned_from_the_segmenter_scores_pairs_and_maps(
         segmenter_run: Path, dataset: Path, tmp_path: Path) -> None:
     """fit-classifier --backbone LesionSegmenter --weights RUN: a frozen epoch (head only), one
