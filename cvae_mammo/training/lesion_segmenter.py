@@ -24,7 +24,7 @@ settings and the split file's SHA-256) and
 probability inside the breast, minus the other breast's), which ``calibrate`` then
 standardises; a ``threshold.json`` set for the run's previous score is removed. A seed
 whose segmenter the run already holds, trained with the same settings, style and split file
-(:func:`reusable_members`), is kept rather than trained again: changing ``lesion_seeds`` or
+(:func:`reusable_seeds`), is kept rather than trained again: changing ``lesion_seeds`` or
 ``lesion_style`` retrains only the seeds that change. Logs
 progress every ``log_every`` steps; stops with
 :class:`~cvae_mammo.errors.TrainingDivergedError` on a NaN/inf loss.
@@ -214,23 +214,18 @@ def segmenter_done(run_dir: PathLike, config: CVAEConfig) -> bool:
                                         in segmenter_settings(config).items())
 
 
-def reusable_members(run_dir: PathLike, config: CVAEConfig,
-                     data_dir: PathLike) -> dict[int, list[keras.Model]]:
-    """The snapshots, per seed, of the run's saved segmenter that ``config`` would train
-    again on ``data_dir``: the same shared settings and split file, and that seed with the
-    same style. Empty when there are none."""
-    recorded = recorded_settings(run_dir)
+def reusable_seeds(recorded: dict[str, object] | None, config: CVAEConfig,
+                   splits_sha256: str) -> list[int]:
+    """The seeds of a saved segmenter (``recorded``, from :func:`recorded_settings`) that
+    ``config`` would train again on the split file hashed ``splits_sha256``: the same shared
+    settings and split file, and that seed with the same style. Empty when there are none."""
     wanted = segmenter_settings(config)
     if (recorded is None or any(recorded.get(key) != wanted[key] for key in _SHARED_SETTINGS)
-            or recorded.get("splits_sha256") != dataset_hashes(data_dir)["splits_sha256"]):
-        return {}
+            or recorded.get("splits_sha256") != splits_sha256):
+        return []
     styles = recorded["styles"]
-    same = [seed for seed, style in seed_styles(config).items()
+    return [seed for seed, style in seed_styles(config).items()
             if seed in recorded["seeds"] and styles.get(str(seed)) == style]
-    if not same:
-        return {}
-    saved = load_lesion_segmenter(Path(run_dir))
-    return {seed: members_of_seed(saved, seed) for seed in same}
 
 
 def train_segmenter_snapshots(pairs: PairedImages, config: CVAEConfig, seed: int, style: str,
@@ -290,14 +285,16 @@ def fit_lesion_segmenter(run_dir: PathLike, data_dir: PathLike,
     LOGGER.info("lesion segmenter: %d train negatives (%d with the other breast), %d steps of %d, "
                 "seeds %s", len(train), int(train["has_partner"].sum()), config.lesion_steps,
                 config.lesion_batch_size, styles)
-    reused = reusable_members(run_dir, config, data_dir)
-    earlier = recorded_settings(run_dir) if reused else {}
+    splits_sha256 = dataset_hashes(data_dir)["splits_sha256"]
+    earlier = recorded_settings(run_dir)
+    reused = reusable_seeds(earlier, config, splits_sha256)
+    saved = load_lesion_segmenter(run_dir) if reused else None
     started, members, curves = time.perf_counter(), [], {}
     for seed, style in styles.items():
         if seed in reused:
             LOGGER.info("%s: lesion segmenter (seed %d, %s) already trained with these settings: "
                         "kept", run_dir, seed, style)
-            members += reused[seed]
+            members += members_of_seed(saved, seed)
             curves[str(seed)] = _earlier_curve(earlier, seed)
             continue
         label = f"{run_dir}: lesion segmenter (seed {seed}, {style})"
@@ -309,7 +306,7 @@ def fit_lesion_segmenter(run_dir: PathLike, data_dir: PathLike,
     save_model_atomically(model, run_dir / SEGMENTER_FILE)
     report = {**segmenter_settings(config), "seconds": round(time.perf_counter() - started, 1),
               "reused_seeds": sorted(reused), "train_negatives": len(train),
-              "splits_sha256": dataset_hashes(data_dir)["splits_sha256"],
+              "splits_sha256": splits_sha256,
               "loss_every_50": curves[str(seeds[0])]}
     if len(seeds) > 1:
         report["loss_every_50_per_seed"] = curves

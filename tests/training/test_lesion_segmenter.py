@@ -194,6 +194,21 @@ def test_a_mixed_ensemble_alternates_styles_and_keeps_the_seeds_it_already_has(
     fit_lesion_segmenter(run, other, config.replace(lesion_seeds=3))
     assert read_json(run / "lesion_validation.json")["reused_seeds"] == []
 
+
+def test_only_seeds_trained_with_the_same_settings_style_and_splits_are_reused() -> None:
+    """Switching mixed -> tissue keeps the tissue seed only; other steps or another split file
+    keep none."""
+    from cvae_mammo.training.lesion_segmenter import reusable_seeds, segmenter_settings
+
+    mixed = _config(lesion_steps=4, lesion_seeds=2, seed=5, lesion_style="mixed")
+    recorded = {**segmenter_settings(mixed), "splits_sha256": "abc"}
+    assert reusable_seeds(recorded, mixed, "abc") == [5, 6]
+    assert reusable_seeds(recorded, mixed.replace(lesion_style="tissue"), "abc") == [6]
+    assert reusable_seeds(recorded, mixed.replace(lesion_steps=6), "abc") == []
+    assert reusable_seeds(recorded, mixed, "def") == []
+    assert reusable_seeds(None, mixed, "abc") == []
+
+
 def test_a_classifier_fine_tuned_from_the_segmenter_scores_pairs_and_maps(
         segmenter_run: Path, dataset: Path, tmp_path: Path) -> None:
     """fit-classifier --backbone LesionSegmenter --weights RUN: a frozen epoch (head only), one
