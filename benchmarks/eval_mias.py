@@ -32,6 +32,9 @@ The protocol, in the order the script follows it:
 each fold's segmenter (backbone ``LesionSegmenter``, early stopping on the inner validation
 women, no choice made on its test scores) and adds its out-of-fold row.
 
+``--gamma-tta 0.8 1 1.25`` also reports the run's segmenter with its maps averaged over those
+input gammas (:data:`GAMMA_VARIANT`, next to the default; not a candidate, so not chosen here).
+
 ``--segmenter-only`` trains each fold's CVAE for one epoch: the segmenter's scores do not
 depend on it, and the recipe's other steps (calibrate, predict) run unchanged; the CVAE's own
 score is then not reported.
@@ -70,6 +73,8 @@ TISSUES = ("F", "G", "D")
 #: The column of what ``calibrate --select-score`` gives a user: chosen per fold on its own
 #: ~20 val women among every candidate score of the run; reported, never the nested choice.
 SELECT_SCORE = "select-score"
+#: The ``--gamma-tta`` variant of the run's segmenter (reported next to the default, not chosen).
+GAMMA_VARIANT = "ensemble gamma"
 
 
 def mias_metadata(mias: Path, out: Path) -> Path:
@@ -136,9 +141,22 @@ def run_recipe(config: Path, fold_data: Path, run_dir: Path, seed: int,
     calibrate_run(run_dir, fold_data, "val", method="youden", seed=seed)
 
 
-def segmenter_variants(run_dir: Path) -> dict[str, object]:
+def gamma_averaged(segmenter: object, gammas: list[float]) -> object:
+    """A model that runs ``segmenter`` on its input raised to each of ``gammas`` and stacks
+    the logits, so that :func:`~cvae_mammo.models.lesion_segmenter.lesion_probability`
+    averages the probabilities over them (test-time gamma, as training draws 0.8-1.25)."""
+    from cvae_mammo.tf_startup import keras
+
+    inputs = keras.Input(segmenter.inputs[0].shape[1:], name="image_and_other_breast")
+    outputs = [segmenter(inputs if gamma == 1 else keras.ops.power(inputs, gamma))
+               for gamma in gammas]
+    return keras.Model(inputs, keras.layers.Concatenate()(outputs), name="gamma_averaged")
+
+
+def segmenter_variants(run_dir: Path, gammas: list[float] | None = None) -> dict[str, object]:
     """``"ensemble"``: the run's saved segmenter; for a seed ensemble also ``"seed S"``: the
-    members of seed S alone (what a single-seed run with that seed saves)."""
+    members of seed S alone (what a single-seed run with that seed saves); with ``gammas``
+    also ``"ensemble gamma"``: the saved segmenter averaged over those input gammas."""
     from cvae_mammo.models.lesion_segmenter import (
         ensemble_of,
         load_lesion_segmenter,
@@ -148,6 +166,8 @@ def segmenter_variants(run_dir: Path) -> dict[str, object]:
 
     full = load_lesion_segmenter(run_dir)
     variants: dict[str, object] = {"ensemble": full}
+    if gammas:
+        variants[GAMMA_VARIANT] = gamma_averaged(full, gammas)
     seeds = read_json(run_dir / VALIDATION_FILE).get("seeds", [])
     if len(seeds) > 1:
         for seed in seeds:
@@ -156,12 +176,13 @@ def segmenter_variants(run_dir: Path) -> dict[str, object]:
 
 
 def candidate_scores(run_dir: Path, fold_data: Path, rule_weights: list[float],
-                     with_cvae: bool) -> pd.DataFrame:
+                     with_cvae: bool, gammas: list[float] | None = None) -> pd.DataFrame:
     """Val and test rows of one fold with every declared score, each standardised by the
     fold's val normals scored by the same model: ``<variant> w=<w>`` (segmenter score plus
     ``w`` times the rule), ``rule``, :data:`SELECT_SCORE` (what ``calibrate --select-score``
     chooses on the fold's val women; its name in ``"select-score choice"``) and, ``with_cvae``,
-    ``cvae`` (mean NLL minus the other breast's)."""
+    ``cvae`` (mean NLL minus the other breast's); ``gammas``: also the
+    :data:`GAMMA_VARIANT` scores."""
     from cvae_mammo.inference.predict import load_predictor, predict_split
     from cvae_mammo.inference.scoring import (
         INTENSITY_SCORE,
@@ -175,7 +196,7 @@ def candidate_scores(run_dir: Path, fold_data: Path, rule_weights: list[float],
     predictor = load_predictor(run_dir)
     keep = ["image_id", "patient_id", "label", "background_tissue"]
     frames: dict[str, pd.DataFrame] = {}
-    for variant, segmenter in segmenter_variants(run_dir).items():
+    for variant, segmenter in segmenter_variants(run_dir, gammas).items():
         predictor.segmenter = segmenter
         scored = {split: predict_split(run_dir, fold_data, split, write=False,
                                        predictor=predictor) for split in ("val", "test")}
@@ -332,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classifier", type=Path, default=None,
                         help="also fine-tune a classifier from each fold's segmenter with this "
                              "ClassifierConfig file (backbone and weights set per fold)")
+    parser.add_argument("--gamma-tta", type=float, nargs="+", default=None,
+                        help="also report the segmenter averaged over these input gammas "
+                             f"({GAMMA_VARIANT!r}; e.g. 0.8 1 1.25)")
     parser.add_argument("--margin", type=float, default=0.05,
                         help="report P(chosen - rule <= margin) from the paired bootstrap")
     args = parser.parse_args(argv)
@@ -354,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         run_recipe(args.config, fold_data, runs[fold][0], args.seed,
                    1 if args.segmenter_only else None)
         table = candidate_scores(runs[fold][0], fold_data, args.rule_weights,
-                                 with_cvae=not args.segmenter_only).assign(fold=fold)
+                                 with_cvae=not args.segmenter_only,
+                                 gammas=args.gamma_tta).assign(fold=fold)
         if args.classifier is not None:
             table = table.astype({"image_id": str}).merge(classifier_scores(
                 args.classifier, runs[fold][0], fold_data, args.out / f"fold{fold}" / "classifier",
@@ -367,11 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     candidates = [f"ensemble w={w:g}" for w in args.rule_weights]
     seeds = sorted({c.split(" w=")[0] for c in scores if c.startswith("seed ")})
     spread = [f"{seed} w={w:g}" for seed in seeds for w in args.rule_weights]
+    gamma = [f"{GAMMA_VARIANT} w=0"] if f"{GAMMA_VARIANT} w=0" in scores else []
     comparators = ["rule"] + [name for name in (SELECT_SCORE, "cvae", "classifier")
                               if name in scores]
 
     # 2. the choice, on the pooled inner validation women only
-    validation = auc_table(val, candidates + spread + comparators)
+    validation = auc_table(val, candidates + gamma + spread + comparators)
     _print(f"inner validation ({len(val)} images, {int(val['label'].sum())} abnormal; "
            "candidates: ensemble w=...)", validation)
     chosen = max(candidates, key=lambda name: validation.set_index("score").at[name, "auc"])
@@ -379,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"chosen on validation: {chosen}", flush=True)
 
     # 3. out-of-fold, once
-    reported = list(dict.fromkeys([chosen, default, *[f"{s} w=0" for s in seeds],
+    reported = list(dict.fromkeys([chosen, default, *gamma, *[f"{s} w=0" for s in seeds],
                                    *comparators]))
     oof = auc_table(test, reported)
     _print(f"OUT-OF-FOLD ({len(test)} images, {int(test['label'].sum())} abnormal)", oof)

@@ -44,8 +44,8 @@ def _argv(mias_dir: Path, folder: Path) -> list[str]:
     """One outer fold of three at 64x32, two declared rule weights, with the classifier."""
     return ["--mias", str(mias_dir), "--out", str(folder / "eval"), "--config",
             str(folder / "cvae.yaml"), "--size", "64x32", "--folds", "3", "--folds-to-run", "0",
-            "--segmenter-only", "--rule-weights", "0", "0.5", "--classifier",
-            str(folder / "classifier.yaml")]
+            "--segmenter-only", "--rule-weights", "0", "0.5", "--gamma-tta", "0.8", "1", "1.25",
+            "--classifier", str(folder / "classifier.yaml")]
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +63,13 @@ def test_the_choice_is_the_best_candidate_on_inner_validation(evaluation: Path) 
     assert summary["chosen"] == max(candidates, key=validation.get)
     assert summary["default"] == "ensemble w=0"
     # each seed's own segmenter is reported next to the ensemble, never chosen
-    assert {"seed 0 w=0", "seed 1 w=0", "rule", "classifier"} <= set(validation)
+    # and so is the --gamma-tta variant
+    assert {"seed 0 w=0", "seed 1 w=0", "ensemble gamma w=0", "rule", "classifier"
+            } <= set(validation)
+    assert summary["chosen"] != "ensemble gamma w=0"
     oof = {row["score"] for row in summary["out_of_fold"]}
-    assert {summary["chosen"], "ensemble w=0", "seed 0 w=0", "seed 1 w=0", "rule",
-            "classifier"} <= oof
+    assert {summary["chosen"], "ensemble w=0", "seed 0 w=0", "seed 1 w=0", "ensemble gamma w=0",
+            "rule", "classifier"} <= oof
     assert summary["seed_spread"] >= 0
 
 
