@@ -33,7 +33,8 @@ each fold's segmenter (backbone ``LesionSegmenter``, early stopping on the inner
 women, no choice made on its test scores) and adds its out-of-fold row.
 
 ``--gamma-tta 0.8 1 1.25`` also reports the run's segmenter with its maps averaged over those
-input gammas (:data:`GAMMA_VARIANT`, next to the default; not a candidate, so not chosen here).
+input gammas (:data:`GAMMA_VARIANT`, next to the default; not a candidate, so not chosen here) and its
+paired bootstrap difference to the default on the validation and the held-out women.
 
 ``--segmenter-only`` trains each fold's CVAE for one epoch: the segmenter's scores do not
 depend on it, and the recipe's other steps (calibrate, predict) run unchanged; the CVAE's own
@@ -425,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
         "chosen_minus_rule": {"difference": difference, "ci": interval,
                               f"p_difference_le_{args.margin:g}": share},
         "seed_spread": (max(seed_aucs) - min(seed_aucs)) if seed_aucs else None,
+        "gamma_minus_default": {split: dict(zip(("difference", "ci"), paired_roc_auc_difference(
+            part["label"], part[gamma[0]], part[default], part["patient_id"])[:2]))
+            for split, part in (("validation", val), ("out_of_fold", test))} if gamma else None,
         "select_score_choices": test.groupby("fold")[f"{SELECT_SCORE} choice"].first().to_dict(),
         "breakdown": {name: breakdown(test, name, args.mias) for name in (chosen, "rule")},
         "localisation": {"images": len(located),
@@ -432,8 +436,8 @@ def main(argv: list[str] | None = None) -> int:
                          "chance": float(located["chance"].mean()) if len(located) else None},
     }
     atomic_write_json(args.out / "summary.json", summary)
-    for key in ("per_fold", "chosen_minus_rule", "seed_spread", "select_score_choices",
-                "breakdown", "localisation"):
+    for key in ("per_fold", "chosen_minus_rule", "seed_spread", "gamma_minus_default",
+                "select_score_choices", "breakdown", "localisation"):
         print(f"{key}: {summary[key]}")
     return 0
 

@@ -67,6 +67,10 @@ def test_the_choice_is_the_best_candidate_on_inner_validation(evaluation: Path) 
     assert {"seed 0 w=0", "seed 1 w=0", "ensemble gamma w=0", "rule", "classifier"
             } <= set(validation)
     assert summary["chosen"] != "ensemble gamma w=0"
+    for split in ("validation", "out_of_fold"):  # its paired difference to the default
+        aucs = {row["score"]: row["auc"] for row in summary[split]}
+        assert summary["gamma_minus_default"][split]["difference"] == pytest.approx(
+            aucs["ensemble gamma w=0"] - aucs["ensemble w=0"])
     oof = {row["score"] for row in summary["out_of_fold"]}
     assert {summary["chosen"], "ensemble w=0", "seed 0 w=0", "seed 1 w=0", "ensemble gamma w=0",
             "rule", "classifier"} <= oof
