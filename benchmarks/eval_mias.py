@@ -360,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--margin", type=float, default=0.05,
                         help="report P(chosen - rule <= margin) from the paired bootstrap")
     args = parser.parse_args(argv)
+    if args.gamma_tta and 0.0 not in args.rule_weights:
+        parser.error("--gamma-tta is reported next to the default score: --rule-weights needs 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if not (args.mias / "labels.csv").is_file():
         print(f"mini-MIAS not found at {args.mias}", file=sys.stderr)

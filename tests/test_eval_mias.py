@@ -122,3 +122,13 @@ def test_a_rerun_resumes_without_retraining(evaluation: Path, mias_dir: Path) ->
     assert [path.stat().st_mtime_ns for path in trained] == stamps
     after = json.loads((evaluation / "summary.json").read_text())
     assert after["chosen"] == before["chosen"] and after["out_of_fold"] == before["out_of_fold"]
+
+
+def test_gamma_tta_needs_the_default_weight(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Without w = 0 there is no default to report the gamma variant next to: refused up front."""
+    with pytest.raises(SystemExit) as refused:
+        _eval_mias().main(["--out", str(tmp_path / "eval"), "--config", "unused.yaml",
+                           "--rule-weights", "0.5", "--gamma-tta", "0.8", "1"])
+    assert refused.value.code == 2
+    assert "--rule-weights needs 0" in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()
